@@ -1,5 +1,6 @@
 """rerule: a Triton-accelerated training core for reinforcement unlearning (RULE / ReRULE)."""
 
+from rerule.loss import GRPOLossOutput, group_advantages, grpo_loss, token_logps
 from rerule.version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["GRPOLossOutput", "__version__", "group_advantages", "grpo_loss", "token_logps"]

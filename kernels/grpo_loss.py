@@ -1,0 +1,96 @@
+"""The fused GRPO loss over logits as an autograd Function, on any backend.
+
+Forward does all the work: the backend's forward pass returns the per-token log-probs and,
+for token-level losses, the per-token loss terms and d loss / d logits in the same launch.
+Sequence-level IS (GSPO) needs every log-prob of a sequence before any gradient, so it takes
+the small torch step ``sequence_terms`` in between and a second launch (``grpo_grad``).
+Backward only scales the stored gradient by the upstream scalar.
+
+Memory: the gradient is one [B, T, V] buffer in the logits' dtype, or the logits buffer itself
+with ``inplace=True`` (opt-in: the caller's logits are overwritten).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .grpo_math import reduction_weights, sequence_terms
+from .options import LossOptions
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def backend_module(impl: str):
+    """The module implementing grpo_fwd / grpo_grad for ``impl`` (imported on first use)."""
+    if impl not in BACKENDS:
+        raise ValueError(f"impl must be one of {BACKENDS + ('auto',)}, got {impl!r}")
+    return importlib.import_module(f".{impl}_grpo", __package__)
+
+
+class FusedGRPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, mask, adv, rw, old, beh, ref, o: LossOptions, impl, return_entropy, inplace,
+                tile):
+        backend = backend_module(impl)
+        need_grad = ctx.needs_input_grad[0]
+        token_level = not o.sequence_level
+        logp, lse, ent, loss_tok, dx = backend.grpo_fwd(
+            logits, ids, mask, adv, rw, old, beh, ref, o,
+            token_level, need_grad and token_level, return_entropy, inplace and need_grad, tile,
+        )
+        if token_level:
+            loss = (rw * loss_tok).sum()
+        else:
+            loss_tok, g = sequence_terms(
+                logp, mask, adv, rw, o, old=old, behavior=beh, ref=ref if o.beta != 0.0 else None
+            )
+            loss = (rw * loss_tok).sum()
+            if need_grad:
+                dx = backend.grpo_grad(logits, ids, mask, lse, g, o.temperature, inplace, tile)
+        if need_grad:
+            ctx.save_for_backward(dx)
+        ctx.consumed = False
+        outs = (loss, logp, ent if ent is not None else logp.new_empty(0))
+        ctx.mark_non_differentiable(outs[1], outs[2])
+        return outs
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_ent):
+        if ctx.consumed:
+            raise RuntimeError("the fused GRPO loss keeps one gradient buffer: backward can run once per forward")
+        ctx.consumed = True
+        (dx,) = ctx.saved_tensors
+        # Scale the buffer in place: it is ours (or, with inplace=True, the caller's logits);
+        # a second [B, T, V] allocation here would double the peak memory of the loss.
+        return (dx.mul_(grad_loss.to(dx.dtype)),) + (None,) * 12
+
+
+def fused_grpo_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    adv: torch.Tensor,
+    old: torch.Tensor | None,
+    beh: torch.Tensor | None,
+    ref: torch.Tensor | None,
+    o: LossOptions,
+    impl: str,
+    max_completion_length: int | None = None,
+    num_items_in_batch=None,
+    return_entropy: bool = False,
+    inplace: bool = False,
+    tile: int | None = None,
+):
+    """Kernel-level entry on validated, canonical inputs.
+
+    logits [B, T, V] (stride 1 on V); ids int64 [B, T]; mask int32 [B, T]; adv fp32 [B];
+    old/beh/ref fp32 [B, T] or None, with masked positions already zeroed. ``tile`` is the
+    backend's block (Triton BLOCK_V, torch chunk rows), for tests. Returns (loss, logp, entropy).
+    """
+    rw = reduction_weights(mask, o.loss_type, max_completion_length, num_items_in_batch)
+    loss, logp, ent = FusedGRPOLoss.apply(
+        logits, ids, mask, adv, rw, old, beh, ref, o, impl, return_entropy, inplace, tile
+    )
+    return loss, logp, (ent if return_entropy else None)

@@ -1,0 +1,144 @@
+"""O(B*T) pieces of the fused GRPO loss, in torch: reduction weights, per-token terms with their
+analytic gradient d loss / d logp, the sequence-level (GSPO) step, and the metrics.
+
+The backends do the O(B*T*V) part (log-sum-exp, gather, dlogits = g * (onehot - softmax) / tau)
+and call into this for everything that only needs per-token scalars. The Triton token-level kernel
+repeats ``token_terms`` inside the kernel; tests hold the two to the reference in reference.py.
+
+Gradient of the surrogate (torch's min/max/clamp conventions are reproduced, ties included, so
+the analytic gradient equals autograd's at r == 1, the on-policy point)::
+
+    r  = exp(log_ratio), cl = clamp(r, 1 - eps_low, 1 + eps_high), rd = min(r, delta)
+    s  = min(rd * A, cl * A)
+    ds/dlog_ratio = A * r * [r <= delta]                 if rd * A < cl * A
+                  = A * r * [1 - eps_low <= r <= 1 + eps_high]   if rd * A > cl * A
+                  = mean of the two                     on a tie
+    dual clip (A < 0): s' = max(s, c * A); ds'/dlr = ds if s > cA, 0 if s < cA, ds / 2 on a tie
+    d loss_tok / d logp = -w * ds/dlr + beta * (1 - exp(ref - logp))      (token level)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import LossOptions
+
+
+def reduction_weights(
+    mask: torch.Tensor,
+    loss_type: str,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, T] fp32 weights rw with loss = sum(rw * loss_tok), equal to TRL's normalizers."""
+    m = mask.to(torch.float32)
+    B, T = m.shape
+    if loss_type == "grpo":
+        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * B)
+    if loss_type == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        length = T if max_completion_length is None else max_completion_length
+        return m / float(B * length)
+    if loss_type == "dapo":
+        items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=m.device)
+        return m / items.to(torch.float32).clamp(min=1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def surrogate_and_grad(log_ratio: torch.Tensor, adv: torch.Tensor, o: LossOptions):
+    """s(log_ratio, A) and ds/dlog_ratio, elementwise (broadcasting)."""
+    r = torch.exp(log_ratio)
+    lo, hi = 1.0 - o.epsilon_low, 1.0 + o.epsilon_high
+    cl = r.clamp(lo, hi)
+    g_ratio = adv * r
+    if o.delta is not None:
+        rd = r.clamp(max=o.delta)
+        g_ratio = torch.where(r <= o.delta, g_ratio, torch.zeros_like(g_ratio))
+    else:
+        rd = r
+    g_clip = torch.where((r >= lo) & (r <= hi), adv * r, torch.zeros_like(r))
+    a, b = rd * adv, cl * adv
+    s = torch.minimum(a, b)
+    ds = torch.where(a < b, g_ratio, torch.where(a > b, g_clip, 0.5 * (g_ratio + g_clip)))
+    if o.dual_clip is not None:
+        floor = o.dual_clip * adv
+        neg = adv < 0
+        ds = torch.where(neg & (s < floor), torch.zeros_like(ds), torch.where(neg & (s == floor), 0.5 * ds, ds))
+        s = torch.where(neg, torch.maximum(s, floor), s)
+    return s, ds
+
+
+def behaviour_weight(old: torch.Tensor, behavior: torch.Tensor | None, cap: float):
+    """(w, w_raw): w = min(exp(old - behavior), cap); ones without behavior."""
+    if behavior is None:
+        ones = torch.ones_like(old)
+        return ones, ones
+    w_raw = torch.exp(old - behavior)
+    return w_raw.clamp(max=cap), w_raw
+
+
+def token_terms(logp, adv, rw, o: LossOptions, old=None, behavior=None, ref=None):
+    """Token-level loss terms, elementwise over any shape.
+
+    Returns (loss_tok, g) with g = rw * d loss_tok / d logp. ``adv`` is per token (broadcast).
+    """
+    old_ = logp if old is None else old
+    s, ds = surrogate_and_grad(logp - old_, adv, o)
+    w, _ = behaviour_weight(old_, behavior, o.is_cap)
+    loss_tok = -w * s
+    dl = -w * ds
+    if ref is not None and o.beta != 0.0:
+        e = torch.exp(ref - logp)
+        loss_tok = loss_tok + o.beta * (e - (ref - logp) - 1)
+        dl = dl + o.beta * (1 - e)
+    return loss_tok, rw * dl
+
+
+def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None, ref=None):
+    """Sequence-level (GSPO) terms on [B, T]: the log ratio is the masked mean over the sequence.
+
+    Returns (loss_tok, g) like ``token_terms``; g couples every token of a sequence.
+    """
+    m = mask.to(logp.dtype)
+    old_ = logp if old is None else old
+    length = m.sum(-1, keepdim=True).clamp(min=1.0)
+    lr = ((logp - old_) * m).sum(-1, keepdim=True) / length
+    s, ds = surrogate_and_grad(lr, adv.unsqueeze(-1), o)
+    w, _ = behaviour_weight(old_, behavior, o.is_cap)
+    loss_tok = -w * s
+    g = -(rw * w).sum(-1, keepdim=True) * ds * m / length
+    if ref is not None and o.beta != 0.0:
+        e = torch.exp(ref - logp)
+        loss_tok = loss_tok + o.beta * (e - (ref - logp) - 1)
+        g = g + rw * o.beta * (1 - e)
+    return loss_tok * m, g * m
+
+
+def loss_metrics(logp, mask, adv, o: LossOptions, old=None, behavior=None, ref=None) -> dict:
+    """The metrics dict of DESIGN.md from per-token scalars ([B, T]); O(B*T), no pass over logits."""
+    m = mask.to(torch.float32)
+    n = m.sum().clamp(min=1.0)
+    old_ = logp if old is None else old
+    lr = logp - old_
+    if o.sequence_level:
+        lr = ((lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(logp)
+    coef = torch.exp(lr)
+    a = adv.to(torch.float32).unsqueeze(-1)
+    low = ((coef < 1 - o.epsilon_low) & (a < 0)).float()
+    high = ((coef > 1 + o.epsilon_high) & (a > 0)).float()
+    w, w_raw = behaviour_weight(old_, behavior, o.is_cap)
+    if ref is not None:
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        kl_mean = (kl * m).sum() / n
+    else:
+        kl_mean = torch.zeros((), device=logp.device)
+    w_sum, w_sq = (w * m).sum(), (w * w * m).sum()
+    return {
+        "clip_ratio_low": (low * m).sum() / n,
+        "clip_ratio_high": (high * m).sum() / n,
+        "kl": kl_mean,
+        "is_weight_mean": w_sum / n,
+        "is_truncated_frac": ((w_raw > o.is_cap).float() * m).sum() / n,
+        "is_ess": torch.where(w_sq > 0, w_sum * w_sum / (n * w_sq.clamp(min=1e-30)), torch.ones_like(w_sq)),
+    }

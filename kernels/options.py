@@ -1,0 +1,74 @@
+"""The loss options shared by every backend (reference, torch, Triton, CUDA).
+
+One frozen dataclass instead of twenty positionals: it is hashable, so it can ride
+through ``torch.autograd.Function`` and pick Triton constexpr specializations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence")
+ADV_SCALES = ("group", "batch", "none")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Options of the GRPO loss (see DESIGN.md, "The loss").
+
+    temperature: logits are divided by it before the softmax.
+    epsilon_low / epsilon_high: PPO clip range [1 - eps_low, 1 + eps_high].
+    delta: optional upper bound on the unclipped ratio (TRL's two-sided clipping).
+    dual_clip: optional c > 1; for A < 0 the surrogate is bounded below at c * A (verl).
+    beta: k3 KL coefficient (needs ref_logps when > 0).
+    loss_type: grpo | bnpo | dr_grpo | dapo (TRL's normalizers).
+    importance_sampling_level: token | sequence (GSPO: masked mean of the log ratio).
+    is_cap: truncation of the behaviour weight w = min(exp(old - behavior), is_cap).
+    """
+
+    temperature: float = 1.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    dual_clip: float | None = None
+    beta: float = 0.0
+    loss_type: str = "grpo"
+    importance_sampling_level: str = "token"
+    is_cap: float = 2.0
+
+    def __post_init__(self):
+        def positive(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+        positive("temperature", self.temperature)
+        positive("is_cap", self.is_cap)
+        positive("delta", self.delta, allow_none=True)
+        for name in ("epsilon_low", "epsilon_high", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.epsilon_low >= 1:
+            raise ValueError(f"epsilon_low must be < 1 (the clip range is [1 - eps_low, 1 + eps_high]), got {self.epsilon_low}")
+        if self.dual_clip is not None:
+            positive("dual_clip", self.dual_clip)
+            if self.dual_clip <= 1:
+                raise ValueError(f"dual_clip must be > 1 (it bounds the surrogate at c*A for A < 0), got {self.dual_clip}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IS_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}"
+            )
+
+    @property
+    def sequence_level(self) -> bool:
+        return self.importance_sampling_level == "sequence"

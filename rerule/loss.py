@@ -1,0 +1,264 @@
+"""Public loss API: argument checks, backend dispatch, outputs.
+
+``grpo_loss`` computes the GRPO / ReRULE loss of DESIGN.md from logits; the math is defined by
+``rerule.kernels.reference.grpo_loss_reference`` and every backend is tested against it.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from rerule.kernels.grpo_loss import fused_grpo_loss
+from rerule.kernels.grpo_math import loss_metrics
+from rerule.kernels.logprobs import fused_token_logps
+from rerule.kernels.options import ADV_SCALES, LossOptions
+from rerule.kernels.reference import group_advantages_reference
+
+IMPLS = ("auto", "torch", "triton", "cuda")
+
+
+@dataclass
+class GRPOLossOutput:
+    """loss: scalar (differentiable); logps / entropy: [B, T] fp32, detached, 0 where mask is 0;
+    metrics: 0-dim detached tensors (clip_ratio_low, clip_ratio_high, kl, is_weight_mean,
+    is_truncated_frac, is_ess), means over unmasked tokens."""
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    entropy: torch.Tensor | None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_tensor(name, t, ndim=None, shape=None, floating=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if floating is True and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if floating is False and (t.is_floating_point() or t.is_complex()):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits are on {device}")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """Group-normalized advantages ``(r - mean_G(r)) / (std + eps)`` (std unbiased), [B] fp32.
+
+    scale: "group" (std within each group), "batch" (std over the whole batch), "none" (centre only).
+    Consecutive runs of ``group_size`` rewards form a group (TRL's layout).
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=2)
+    tensor([ 0.7070, -0.7070,  0.0000,  0.0000])
+    """
+    _check_tensor("rewards", rewards, ndim=1, floating=True)
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one has no advantage), got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"the batch ({rewards.numel()} rewards) is not divisible by group_size={group_size}")
+    if scale not in ADV_SCALES:
+        raise ValueError(f"scale must be one of {ADV_SCALES}, got {scale!r}")
+    if not (eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN or inf")
+    return group_advantages_reference(rewards, group_size, scale, eps).to(torch.float32)
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "impl='triton' on CPU tensors runs the Triton interpreter, which is off: set "
+                "TRITON_INTERPRET=1 before importing triton, or use impl='torch' / 'auto'."
+            )
+        return impl
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return "torch"
+
+
+def _canonical(name, t, B, T, device, valid):
+    if t is None:
+        return None
+    _check_tensor(name, t, shape=(B, T), floating=True, device=device)
+    t = t.to(torch.float32)
+    return torch.where(valid, t, torch.zeros_like(t)).contiguous()
+
+
+def _check_logits_and_ids(logits, completion_ids, completion_mask):
+    _check_tensor("logits", logits, ndim=3, floating=True)
+    B, T, V = logits.shape
+    if V == 0:
+        raise ValueError("logits have an empty vocab dimension")
+    device = logits.device
+    _check_tensor("completion_ids", completion_ids, shape=(B, T), floating=False, device=device)
+    if completion_mask is None:
+        completion_mask = torch.ones(B, T, dtype=torch.int32, device=device)
+    _check_tensor("completion_mask", completion_mask, shape=(B, T), device=device)
+    valid = completion_mask != 0
+    ids = completion_ids.to(torch.int64)
+    if ids.numel() and bool(((ids < 0) | (ids >= V)).any()):
+        bad = ids[(ids < 0) | (ids >= V)][0].item()
+        raise ValueError(f"completion_ids must lie in [0, {V}) (the vocab of logits), found {bad}")
+    return B, T, V, ids.contiguous(), valid
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    *,
+    rewards: torch.Tensor | None = None,
+    group_size: int | None = None,
+    old_logps: torch.Tensor | None = None,
+    behavior_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    is_cap: float = 2.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    scale_rewards: str = "group",
+    return_entropy: bool = False,
+    inplace: bool = False,
+    impl: str = "auto",
+) -> GRPOLossOutput:
+    """The fused GRPO loss (DESIGN.md, "The loss") over completion logits.
+
+    Args:
+        logits: [B, T, V], any float dtype (math is fp32); row t scores completion token t.
+            A view such as TRL's ``logits[:, :-1]`` works as long as V is the contiguous dim.
+        completion_ids: [B, T] integer ids in [0, V).
+        completion_mask: [B, T], nonzero = real token (default: all ones).
+        advantages: [B]; or pass ``rewards`` [B] and ``group_size`` to compute them here
+            (``group_advantages(rewards, group_size, scale_rewards)``).
+        old_logps: [B, T] log-probs of the proximal policy; None = detached current (ratio 1).
+        behavior_logps: [B, T] log-probs of the policy that sampled the tokens; gives the
+            detached weight w = min(exp(old - behavior), is_cap) on the policy term.
+        ref_logps: [B, T] reference log-probs for the k3 KL (needed when beta > 0).
+        temperature, epsilon_low, epsilon_high, delta, dual_clip, beta, loss_type,
+        importance_sampling_level, is_cap: see ``LossOptions``.
+        max_completion_length: dr_grpo's normalizer length (default T).
+        num_items_in_batch: dapo's normalizer (global token count; default the mask sum).
+        return_entropy: also return per-token entropies.
+        inplace: write the gradient into the logits buffer (saves one [B, T, V] buffer; the
+            caller's logits are overwritten when a gradient is needed).
+        impl: "auto" (Triton on CUDA, torch on CPU), "triton", "torch" or "cuda".
+
+    Returns:
+        GRPOLossOutput(loss, logps, entropy, metrics).
+
+    Example:
+        >>> import torch
+        >>> from rerule import grpo_loss
+        >>> logits = torch.randn(4, 7, 50, requires_grad=True)
+        >>> ids = torch.randint(0, 50, (4, 7))
+        >>> out = grpo_loss(logits, ids, torch.ones(4, 7), rewards=torch.tensor([1., 0., 1., 1.]), group_size=2)
+        >>> out.loss.backward()
+        >>> out.logps.shape
+        torch.Size([4, 7])
+    """
+    B, T, V, ids, valid = _check_logits_and_ids(logits, completion_ids, completion_mask)
+    device = logits.device
+    o = LossOptions(
+        temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+        dual_clip=dual_clip, beta=beta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        is_cap=is_cap,
+    )
+    impl = _resolve_impl(impl, device)
+    if (advantages is None) == (rewards is None):
+        raise ValueError("pass exactly one of advantages=[B] or rewards=[B] (with group_size)")
+    if rewards is not None:
+        if group_size is None:
+            raise ValueError("rewards= needs group_size=")
+        _check_tensor("rewards", rewards, shape=(B,), device=device)
+        adv = group_advantages(rewards, group_size, scale_rewards)
+    else:
+        if group_size is not None:
+            raise ValueError("group_size is only used with rewards=, not with advantages=")
+        _check_tensor("advantages", advantages, shape=(B,), floating=True, device=device)
+        adv = advantages.to(torch.float32)
+    adv = adv.detach().contiguous()
+    if beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 needs ref_logps (the reference policy's [B, T] log-probs)")
+    if max_completion_length is not None:
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral):
+            raise TypeError("max_completion_length must be an int")
+        if max_completion_length < T:
+            raise ValueError(f"max_completion_length={max_completion_length} is shorter than T={T}")
+    if num_items_in_batch is not None and not (float(num_items_in_batch) > 0):
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    old = _canonical("old_logps", old_logps, B, T, device, valid)
+    beh = _canonical("behavior_logps", behavior_logps, B, T, device, valid)
+    ref = _canonical("ref_logps", ref_logps, B, T, device, valid)
+    if inplace and logits.stride(-1) != 1:
+        raise ValueError("inplace=True needs logits with a contiguous vocab dimension")
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    mask = valid.to(torch.int32).contiguous()
+
+    loss, logp, ent = fused_grpo_loss(
+        x, ids, mask, adv, old, beh, ref, o, impl, max_completion_length, num_items_in_batch,
+        return_entropy, inplace,
+    )
+    _check_finite(logp, valid, adv, old, beh, ref)
+    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=beh, ref=ref)
+    if ent is not None:
+        metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
+    return GRPOLossOutput(loss=loss, logps=logp, entropy=ent, metrics=metrics)
+
+
+def _check_finite(logp, valid, adv, old, beh, ref):
+    # One host sync for all checks: a NaN or +inf logit, or a -inf logit on a chosen token, shows up
+    # in logp; the optional log-prob inputs are checked where the mask is 1.
+    names = ["logits (a NaN/+inf entry, or -inf on a selected completion token)", "advantages"]
+    checks = [torch.isfinite(logp[valid]).all(), torch.isfinite(adv).all()]
+    for name, t in (("old_logps", old), ("behavior_logps", beh), ("ref_logps", ref)):
+        if t is not None:
+            names.append(name)
+            checks.append(torch.isfinite(t[valid]).all())
+    ok = torch.stack(checks).cpu()
+    if not bool(ok.all()):
+        bad = [n for n, good in zip(names, ok.tolist()) if not good]
+        raise ValueError(f"non-finite values where completion_mask is 1 in: {', '.join(bad)}")
+
+
+def token_logps(
+    logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    impl: str = "auto",
+):
+    """Per-token log-probs of ``completion_ids`` under ``logits / temperature``, fused.
+
+    Returns (logps [B, T] fp32, differentiable w.r.t. logits; entropy [B, T] or None, detached).
+    Positions with mask 0 give 0 and get no gradient.
+    """
+    B, T, V, ids, valid = _check_logits_and_ids(logits, completion_ids, completion_mask)
+    LossOptions(temperature=temperature)
+    impl = _resolve_impl(impl, logits.device)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    return fused_token_logps(x, ids, valid.to(torch.int32).contiguous(), temperature, return_entropy, impl)
