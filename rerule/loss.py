@@ -33,7 +33,7 @@ class GRPOLossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _check_tensor(name, t, ndim=None, shape=None, floating=None, device=None):
+def _check_tensor(name, t, ndim=None, shape=None, floating=None, device=None, like="logits"):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -45,7 +45,7 @@ def _check_tensor(name, t, ndim=None, shape=None, floating=None, device=None):
     if floating is False and (t.is_floating_point() or t.is_complex()):
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but logits are on {device}")
+        raise ValueError(f"{name} is on {t.device} but {like} are on {device}")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
@@ -92,10 +92,10 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
     return "torch"
 
 
-def _canonical(name, t, B, T, device, valid):
+def _canonical(name, t, B, T, device, valid, like="logits"):
     if t is None:
         return None
-    _check_tensor(name, t, shape=(B, T), floating=True, device=device)
+    _check_tensor(name, t, shape=(B, T), floating=True, device=device, like=like)
     t = t.to(torch.float32)
     return torch.where(valid, t, torch.zeros_like(t)).contiguous()
 
@@ -105,17 +105,22 @@ def _check_logits_and_ids(logits, completion_ids, completion_mask):
     B, T, V = logits.shape
     if V == 0:
         raise ValueError("logits have an empty vocab dimension")
-    device = logits.device
-    _check_tensor("completion_ids", completion_ids, shape=(B, T), floating=False, device=device)
+    ids, valid = _check_ids(completion_ids, completion_mask, B, T, V, logits.device)
+    return B, T, V, ids, valid
+
+
+def _check_ids(completion_ids, completion_mask, B, T, V, device, like="logits"):
+    """Checked (ids int64 [B, T], valid bool [B, T]); shared with fused_linear_grpo_loss."""
+    _check_tensor("completion_ids", completion_ids, shape=(B, T), floating=False, device=device, like=like)
     if completion_mask is None:
         completion_mask = torch.ones(B, T, dtype=torch.int32, device=device)
-    _check_tensor("completion_mask", completion_mask, shape=(B, T), device=device)
+    _check_tensor("completion_mask", completion_mask, shape=(B, T), device=device, like=like)
     valid = completion_mask != 0
     ids = completion_ids.to(torch.int64)
     if ids.numel() and bool(((ids < 0) | (ids >= V)).any()):
         bad = ids[(ids < 0) | (ids >= V)][0].item()
-        raise ValueError(f"completion_ids must lie in [0, {V}) (the vocab of logits), found {bad}")
-    return B, T, V, ids.contiguous(), valid
+        raise ValueError(f"completion_ids must lie in [0, {V}) (the vocab of {like}), found {bad}")
+    return ids.contiguous(), valid
 
 
 def grpo_loss(
@@ -188,31 +193,10 @@ def grpo_loss(
         is_cap=is_cap,
     )
     impl = _resolve_impl(impl, device)
-    if (advantages is None) == (rewards is None):
-        raise ValueError("pass exactly one of advantages=[B] or rewards=[B] (with group_size)")
-    if rewards is not None:
-        if group_size is None:
-            raise ValueError("rewards= needs group_size=")
-        _check_tensor("rewards", rewards, shape=(B,), device=device)
-        adv = group_advantages(rewards, group_size, scale_rewards)
-    else:
-        if group_size is not None:
-            raise ValueError("group_size is only used with rewards=, not with advantages=")
-        _check_tensor("advantages", advantages, shape=(B,), floating=True, device=device)
-        adv = advantages.to(torch.float32)
-    adv = adv.detach().contiguous()
-    if beta > 0 and ref_logps is None:
-        raise ValueError("beta > 0 needs ref_logps (the reference policy's [B, T] log-probs)")
-    if max_completion_length is not None:
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral):
-            raise TypeError("max_completion_length must be an int")
-        if max_completion_length < T:
-            raise ValueError(f"max_completion_length={max_completion_length} is shorter than T={T}")
-    if num_items_in_batch is not None and not (float(num_items_in_batch) > 0):
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
-    old = _canonical("old_logps", old_logps, B, T, device, valid)
-    beh = _canonical("behavior_logps", behavior_logps, B, T, device, valid)
-    ref = _canonical("ref_logps", ref_logps, B, T, device, valid)
+    adv, old, beh, ref = _loss_inputs(
+        B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
+        ref_logps, beta, max_completion_length, num_items_in_batch,
+    )
     if inplace and logits.stride(-1) != 1:
         raise ValueError("inplace=True needs logits with a contiguous vocab dimension")
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -229,10 +213,45 @@ def grpo_loss(
     return GRPOLossOutput(loss=loss, logps=logp, entropy=ent, metrics=metrics)
 
 
-def _check_finite(logp, valid, adv, old, beh, ref):
+def _loss_inputs(B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
+                 ref_logps, beta, max_completion_length, num_items_in_batch, like="logits"):
+    """Checked advantages fp32 [B] and canonical old/behavior/ref log-probs (fp32 [B, T], masked positions 0, or
+    None); shared with fused_linear_grpo_loss."""
+    if (advantages is None) == (rewards is None):
+        raise ValueError("pass exactly one of advantages=[B] or rewards=[B] (with group_size)")
+    if rewards is not None:
+        if group_size is None:
+            raise ValueError("rewards= needs group_size=")
+        _check_tensor("rewards", rewards, shape=(B,), device=device, like=like)
+        adv = group_advantages(rewards, group_size, scale_rewards)
+    else:
+        if group_size is not None:
+            raise ValueError("group_size is only used with rewards=, not with advantages=")
+        _check_tensor("advantages", advantages, shape=(B,), floating=True, device=device, like=like)
+        adv = advantages.to(torch.float32)
+    adv = adv.detach().contiguous()
+    if beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 needs ref_logps (the reference policy's [B, T] log-probs)")
+    if max_completion_length is not None:
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral):
+            raise TypeError("max_completion_length must be an int")
+        if max_completion_length < T:
+            raise ValueError(f"max_completion_length={max_completion_length} is shorter than T={T}")
+    if num_items_in_batch is not None and not (float(num_items_in_batch) > 0):
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    old = _canonical("old_logps", old_logps, B, T, device, valid, like)
+    beh = _canonical("behavior_logps", behavior_logps, B, T, device, valid, like)
+    ref = _canonical("ref_logps", ref_logps, B, T, device, valid, like)
+    return adv, old, beh, ref
+
+
+_LOGITS_NOT_FINITE = "logits (a NaN/+inf entry, or -inf on a selected completion token)"
+
+
+def _check_finite(logp, valid, adv, old, beh, ref, source=_LOGITS_NOT_FINITE):
     # One host sync for all checks: a NaN or +inf logit, or a -inf logit on a chosen token, shows up
     # in logp; the optional log-prob inputs are checked where the mask is 1.
-    names = ["logits (a NaN/+inf entry, or -inf on a selected completion token)", "advantages"]
+    names = [source, "advantages"]
     checks = [torch.isfinite(logp[valid]).all(), torch.isfinite(adv).all()]
     for name, t in (("old_logps", old), ("behavior_logps", beh), ("ref_logps", ref)):
         if t is not None:
