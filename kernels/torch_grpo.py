@@ -31,8 +31,11 @@ def _row_stats(x: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
     x_label = x.gather(1, labels.unsqueeze(1)).squeeze(1)
     ent = None
     if return_entropy:
-        p = torch.exp(x - lse.unsqueeze(1))
-        ent = lse - torch.where(p > 0, p * x, torch.zeros_like(p)).sum(-1)
+        # -sum p log p on max-shifted values: lse - sum p x cancels catastrophically at |x| ~ 1e4
+        y = x - x.amax(dim=-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)
+        logq = y - torch.logsumexp(y, dim=-1, keepdim=True)
+        p = torch.exp(logq)
+        ent = -torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1)
     return lse, x_label, ent
 
 

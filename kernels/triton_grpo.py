@@ -34,7 +34,11 @@ from .options import LossOptions
 
 @triton.jit
 def _row_lse(p_x, label, V, inv_tau, RETURN_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Online log-sum-exp of one row of x = logits * inv_tau; also the label's x and the entropy."""
+    """Online log-sum-exp of one row of x = logits * inv_tau; also the label's x and the entropy.
+
+    The entropy accumulates t = sum e_j (x_j - m) relative to the running max m, so it stays
+    exact when the logits are huge (lse - sum p x would cancel catastrophically at |x| ~ 1e4).
+    """
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
     t = tl.zeros([], tl.float32)
@@ -46,15 +50,18 @@ def _row_lse(p_x, label, V, inv_tau, RETURN_ENT: tl.constexpr, BLOCK_V: tl.const
         # An all -inf prefix keeps m = -inf; shift by 0 then so exp() never sees -inf - -inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         scale = tl.exp(m - m_safe)
-        b_e = tl.exp(b_x - m_safe)
-        s = s * scale + tl.sum(b_e, axis=0)
+        # NaN stays NaN here (and poisons s): a where() on b_x > -inf would silently drop it
+        b_y = b_x - m_safe
+        b_e = tl.exp(b_y)
         if RETURN_ENT:
-            t = t * scale + tl.sum(b_e * tl.where(b_x > float("-inf"), b_x, 0.0), axis=0)
+            dm = tl.where(m == float("-inf"), 0.0, m - m_safe)
+            t = scale * (t + s * dm) + tl.sum(b_e * tl.where(b_x > float("-inf"), b_y, 0.0), axis=0)
+        s = s * scale + tl.sum(b_e, axis=0)
         m = m_new
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = m_safe + tl.log(s)
     x_label = tl.load(p_x + label).to(tl.float32) * inv_tau
-    ent = lse - t / s
+    ent = tl.log(s) - t / s
     return lse, x_label, ent
 
 
@@ -186,8 +193,13 @@ def _num_warps(block_v: int) -> int:
     return 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    # Every output element is written by a kernel; tests swap this for a NaN-poisoned allocator.
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _grad_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
-    return logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return logits if inplace else _empty(logits.shape, logits.dtype, logits.device)
 
 
 def check_interpreter(t: torch.Tensor) -> None:
@@ -210,10 +222,10 @@ def grpo_fwd(
     check_interpreter(logits)
     B, T, V = logits.shape
     N = B * T
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
-    ent = torch.empty(N, **f32) if return_entropy else logp
-    loss_tok = torch.empty(N, **f32) if fused_loss else logp
+    f32 = (torch.float32, logits.device)
+    logp, lse = _empty((N,), *f32), _empty((N,), *f32)
+    ent = _empty((N,), *f32) if return_entropy else logp
+    loss_tok = _empty((N,), *f32) if fused_loss else logp
     dx = _grad_buffer(logits, inplace) if (fused_loss and compute_grad) else logits
     BLOCK_V = _block_v(V, block_v)
     has_ref = ref is not None and o.beta != 0.0

@@ -1,0 +1,416 @@
+// The per-row algorithm of the fused GRPO loss, written once for the device kernels
+// (grpo_kernels.cu) and the host emulator (grpo_emu.cu) that replays them thread by thread on
+// the CPU in tests. Everything here is __host__ __device__ except the launch policy at the end.
+//
+// A block owns a row of V logits. The row is split into an unaligned head (< 16 bytes), a body
+// of 16-byte chunks and a tail; chunk j belongs to thread j % nthreads in both sweeps, so a
+// thread only ever reads back the shared-memory cache slots it wrote itself.
+//   sweep 1: per-thread online (max m, sum exp s, sum exp * (x - m) t), merged across threads;
+//            the first cache_n chunks are kept in shared memory for sweep 2.
+//   finish:  thread 0 turns the merged partial into lse / logp / entropy and the per-token GRPO
+//            terms, and the gradient scale coef = rw * dloss/dlogp / tau.
+//   sweep 2: dlogits = coef * (onehot - exp(x - lse)), from shared memory where cached.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "rerule_grpo.h"
+
+#define RER_HD __host__ __device__ __forceinline__
+
+namespace rerule {
+
+// 16 bytes of logits: the unit of every body load and store.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int W = 16 / sizeof(T);
+  T v[W];
+};
+
+RER_HD float to_f(float x) { return x; }
+RER_HD float to_f(__half x) { return __half2float(x); }
+RER_HD float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+RER_HD T from_f(float x);
+template <>
+RER_HD float from_f<float>(float x) { return x; }
+template <>
+RER_HD __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+RER_HD __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+RER_HD float neg_inf() { return -INFINITY; }
+
+// exp in the sweeps: MUFU.EX2 on the device (as Triton's tl.exp), libm on the host.
+RER_HD float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+// `last_use`: the value is not read again from global memory (evict-first in L2), so it does
+// not push out the uncached part of the row that sweep 2 re-reads.
+template <typename T>
+RER_HD Pack<T> load_pack(const T* p, bool last_use) {
+  Pack<T> r;
+#ifdef __CUDA_ARCH__
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+  uint4 u = last_use ? __ldcs(q) : *q;
+  memcpy(&r, &u, 16);
+#else
+  (void)last_use;
+  memcpy(&r, p, 16);
+#endif
+  return r;
+}
+
+// dlogits are not read again by this kernel: stream them past L2.
+template <typename T>
+RER_HD void store_pack(T* p, const Pack<T>& v) {
+#ifdef __CUDA_ARCH__
+  uint4 u;
+  memcpy(&u, &v, 16);
+  __stcs(reinterpret_cast<uint4*>(p), u);
+#else
+  memcpy(p, &v, 16);
+#endif
+}
+
+struct RowLayout {
+  int64_t head;  // scalar elements before the first 16-byte boundary
+  int64_t nvec;  // 16-byte chunks
+  int64_t tail;  // scalar elements after the last chunk
+};
+
+template <typename T>
+RER_HD RowLayout row_layout(const void* p, int64_t V) {
+  constexpr int W = Pack<T>::W;
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % W);
+  int64_t head = mis ? W - mis : 0;
+  if (head > V) head = V;
+  const int64_t nvec = (V - head) / W;
+  return RowLayout{head, nvec, V - head - nvec * W};
+}
+
+// Same offset within 16 bytes: the body chunks of x and dx line up and both can be vector ops.
+RER_HD bool same_alignment(const void* a, const void* b) {
+  return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15u) == 0;
+}
+
+// Online softmax state of a set of x = logits / tau: m = max, s = sum exp(x - m),
+// t = sum exp(x - m) * (x - m) (relative to m, so the entropy does not cancel at |x| ~ 1e4).
+// While m = -inf everything is shifted by 0 instead, so exp never sees -inf - -inf.
+struct Partial {
+  float m, s, t;
+};
+
+RER_HD Partial partial_init() { return Partial{neg_inf(), 0.f, 0.f}; }
+
+template <int N, bool ENT>
+RER_HD void partial_add(Partial& P, const float (&y)[N]) {
+  float cm = y[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) cm = fmaxf(cm, y[k]);
+  // Rescale only when the max grows: after the first chunks of a row this branch is rare.
+  if (cm > P.m) {
+    const float sc = fast_exp(P.m - cm);
+    if (ENT) P.t = sc * (P.t + (P.m == neg_inf() ? 0.f : P.s * (P.m - cm)));
+    P.s *= sc;
+    P.m = cm;
+  }
+  const float ms = P.m == neg_inf() ? 0.f : P.m;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float d = y[k] - ms;
+    const float e = fast_exp(d);
+    P.s += e;
+    if (ENT) P.t += y[k] > neg_inf() ? e * d : 0.f;
+  }
+}
+
+template <bool ENT>
+RER_HD Partial partial_merge(const Partial& a, const Partial& b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == neg_inf()) return Partial{m, a.s + b.s, a.t + b.t};
+  const float sa = fast_exp(a.m - m), sb = fast_exp(b.m - m);
+  Partial r;
+  r.m = m;
+  r.s = a.s * sa + b.s * sb;
+  r.t = 0.f;
+  if (ENT) {
+    const float ta = a.m == neg_inf() ? 0.f : sa * (a.t + a.s * (a.m - m));
+    const float tb = b.m == neg_inf() ? 0.f : sb * (b.t + b.s * (b.m - m));
+    r.t = ta + tb;
+  }
+  return r;
+}
+
+// Sweep 1 of one thread over its share of the row px[0, V).
+template <typename T, bool ENT>
+RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float inv_tau, Pack<T>* cache,
+                      int64_t cache_n, bool stream_all) {
+  constexpr int W = Pack<T>::W;
+  constexpr int U = 4;  // independent 16-byte loads in flight per thread
+  Partial P = partial_init();
+  if (tid < L.head) {
+    const float y[1] = {to_f(px[tid]) * inv_tau};
+    partial_add<1, ENT>(P, y);
+  }
+  const T* body = px + L.head;
+  for (int64_t j0 = tid; j0 < L.nvec; j0 += static_cast<int64_t>(U) * nth) {
+    Pack<T> pk[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = j0 + static_cast<int64_t>(u) * nth;
+      if (j < L.nvec) pk[u] = load_pack(body + j * W, stream_all || j < cache_n);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = j0 + static_cast<int64_t>(u) * nth;
+      if (j < L.nvec) {
+        if (j < cache_n) cache[j] = pk[u];
+        float y[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) y[k] = to_f(pk[u].v[k]) * inv_tau;
+        partial_add<W, ENT>(P, y);
+      }
+    }
+  }
+  if (tid < L.tail) {
+    const float y[1] = {to_f(px[L.head + L.nvec * W + tid]) * inv_tau};
+    partial_add<1, ENT>(P, y);
+  }
+  return P;
+}
+
+// d = coef * (onehot - p), written as Triton writes it: coef - p * coef on the label, -p * coef elsewhere.
+RER_HD float grad_elem(float x_raw, int64_t e, int64_t label, float inv_tau, float lse, float coef) {
+  const float p = fast_exp(x_raw * inv_tau - lse);
+  return e == label ? coef - p * coef : -p * coef;
+}
+
+// Sweep 2 of one thread: its chunks last-to-first, so the uncached end of the row, the part
+// loaded most recently in sweep 1, is re-read while it is most likely still in L2.
+template <typename T>
+RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int tid, int nth, float inv_tau,
+                   float lse, float coef, int64_t label, const Pack<T>* cache, int64_t cache_n) {
+  constexpr int W = Pack<T>::W;
+  constexpr int U = 4;
+  if (tid < L.tail) {
+    const int64_t e = L.head + L.nvec * W + tid;
+    pdx[e] = from_f<T>(grad_elem(to_f(px[e]), e, label, inv_tau, lse, coef));
+  }
+  if (tid < L.nvec) {
+    const T* body = px + L.head;
+    T* dbody = pdx + L.head;
+    const int64_t K = (L.nvec - 1 - tid) / nth + 1;  // chunks of this thread
+    for (int64_t k0 = K - 1; k0 >= 0; k0 -= U) {
+      Pack<T> pk[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = tid + (k0 - u) * nth;
+        if (k0 - u >= 0) pk[u] = j < cache_n ? cache[j] : load_pack(body + j * W, true);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (k0 - u < 0) continue;
+        const int64_t j = tid + (k0 - u) * nth;
+        const int64_t e0 = L.head + j * W;
+        Pack<T> out;
+#pragma unroll
+        for (int k = 0; k < W; ++k) out.v[k] = from_f<T>(grad_elem(to_f(pk[u].v[k]), e0 + k, label, inv_tau, lse, coef));
+        if (vec_store) {
+          store_pack(dbody + j * W, out);
+        } else {
+#pragma unroll
+          for (int k = 0; k < W; ++k) pdx[e0 + k] = out.v[k];
+        }
+      }
+    }
+  }
+  if (tid < L.head) pdx[tid] = from_f<T>(grad_elem(to_f(px[tid]), tid, label, inv_tau, lse, coef));
+}
+
+// One thread's share of a zero gradient row (masked rows); L is the layout of pdx itself.
+template <typename T>
+RER_HD void zero_row(T* pdx, const RowLayout& L, int tid, int nth) {
+  constexpr int W = Pack<T>::W;
+  Pack<T> z;
+#pragma unroll
+  for (int k = 0; k < W; ++k) z.v[k] = from_f<T>(0.f);
+  if (tid < L.head) pdx[tid] = z.v[0];
+  for (int64_t j = tid; j < L.nvec; j += nth) store_pack(pdx + L.head + j * W, z);
+  if (tid < L.tail) pdx[L.head + L.nvec * W + tid] = z.v[0];
+}
+
+struct TokenParams {
+  float lo, hi, delta, dual_c, beta, is_cap;
+  bool has_delta, has_dual;
+};
+
+struct TokenTerms {
+  float loss;  // loss_tok
+  float dl;    // d loss_tok / d logp
+};
+
+// The per-token GRPO terms, line for line the FUSED_LOSS block of triton_grpo._grpo_fwd_kernel
+// (torch's min / max / clamp tie conventions; see kernels/grpo_math.py for the derivation).
+RER_HD TokenTerms token_terms(float logp, float adv, float old, bool has_beh, float beh, bool has_ref, float ref,
+                              const TokenParams& p) {
+  const float r = expf(logp - old);
+  const float cl = fminf(fmaxf(r, p.lo), p.hi);
+  float g_ratio = adv * r;
+  float rd = r;
+  if (p.has_delta) {
+    rd = fminf(r, p.delta);
+    g_ratio = r <= p.delta ? g_ratio : 0.f;
+  }
+  const float g_clip = (r >= p.lo && r <= p.hi) ? adv * r : 0.f;
+  const float a = rd * adv;
+  const float b = cl * adv;
+  float sur = fminf(a, b);
+  float ds = a < b ? g_ratio : (a > b ? g_clip : 0.5f * (g_ratio + g_clip));
+  if (p.has_dual) {
+    const float floor_ = p.dual_c * adv;
+    const bool neg = adv < 0.f;
+    ds = (neg && sur < floor_) ? 0.f : ((neg && sur == floor_) ? 0.5f * ds : ds);
+    sur = neg ? fmaxf(sur, floor_) : sur;
+  }
+  const float w = has_beh ? fminf(expf(old - beh), p.is_cap) : 1.f;
+  TokenTerms out{-w * sur, -w * ds};
+  if (has_ref) {
+    const float e = expf(ref - logp);
+    out.loss += p.beta * (e - (ref - logp) - 1.f);
+    out.dl += p.beta * (1.f - e);
+  }
+  return out;
+}
+
+inline TokenParams token_params(const RerGrpoArgs& a) {
+  return TokenParams{a.clip_lo, a.clip_hi, a.delta, a.dual_clip, a.beta, a.is_cap, a.has_delta != 0, a.has_dual != 0};
+}
+
+// Thread 0's work on an unmasked row once the partials are merged: writes logp / lse / entropy /
+// loss_tok and returns the gradient scale coef = rw * dloss/dlogp / tau (*lse_out = lse).
+RER_HD float finish_row(const RerGrpoArgs& a, const TokenParams& tp, int64_t row, int64_t b, const Partial& P,
+                        float x_label, float* lse_out) {
+  const float m_safe = P.m == neg_inf() ? 0.f : P.m;
+  const float log_s = logf(P.s);
+  const float lse = m_safe + log_s;
+  const float logp = x_label - lse;
+  a.logp[row] = logp;
+  a.lse[row] = lse;
+  if (a.return_entropy) a.entropy[row] = log_s - P.t / P.s;
+  *lse_out = lse;
+  if (!a.fused_loss) return 0.f;
+  const float old = a.old_logp ? a.old_logp[row] : logp;
+  const bool has_ref = a.ref_logp != nullptr;
+  const TokenTerms tt = token_terms(logp, a.adv[b], old, a.beh_logp != nullptr, a.beh_logp ? a.beh_logp[row] : 0.f,
+                                    has_ref, has_ref ? a.ref_logp[row] : 0.f, tp);
+  a.loss_tok[row] = tt.loss;
+  return a.rw[row] * tt.dl * a.inv_tau;
+}
+
+RER_HD void finish_masked_row(const RerGrpoArgs& a, int64_t row) {
+  a.logp[row] = 0.f;
+  a.lse[row] = 0.f;
+  if (a.return_entropy) a.entropy[row] = 0.f;
+  if (a.fused_loss) a.loss_tok[row] = 0.f;
+}
+
+// The label's x, or NaN for an id outside [0, V) (never an out-of-bounds read).
+template <typename T>
+RER_HD float label_x(const T* px, int64_t label, int64_t V, float inv_tau) {
+  return (label >= 0 && label < V) ? to_f(px[label]) * inv_tau : NAN;
+}
+
+// ---- host-side policy and checks (shared by the library and the emulator) ----
+
+inline int elem_size(int32_t dtype) { return dtype == RERULE_DTYPE_F32 ? 4 : 2; }
+
+// About four 16-byte loads per thread per row, 64..1024 threads.
+inline int choose_threads(int64_t V, int32_t dtype, int32_t requested) {
+  if (requested > 0) return requested;
+  const int64_t W = 16 / elem_size(dtype);
+  const int64_t want = ((V + W - 1) / W + 3) / 4;
+  int t = 64;
+  while (t < want && t < 1024) t *= 2;
+  return t;
+}
+
+// 16-byte chunks of a row kept in shared memory for sweep 2: all of the row when it fits.
+// A body has at most V / W chunks whatever the row's alignment.
+inline int64_t choose_cache_chunks(int64_t V, int32_t dtype, int64_t cache_bytes, int64_t smem_avail) {
+  if (cache_bytes == 0 || smem_avail <= 0) return 0;
+  const int64_t bytes = cache_bytes < 0 ? smem_avail : (cache_bytes < smem_avail ? cache_bytes : smem_avail);
+  const int64_t most = V / (16 / elem_size(dtype));
+  const int64_t n = bytes / 16;
+  return n < most ? n : most;
+}
+
+// Rows of dlogits must not overlap (two blocks would race on them): torch's non-overlap rule.
+inline bool rows_disjoint(int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st) {
+  int64_t s1 = st, n1 = T, s2 = sb, n2 = B;
+  if (n1 <= 1) { s1 = sb; n1 = B; s2 = 0; n2 = 1; }
+  if (n2 > 1 && s2 < s1) { int64_t ts = s1, tn = n1; s1 = s2; n1 = n2; s2 = ts; n2 = tn; }
+  if (n1 > 1 && s1 < V) return false;
+  if (n2 > 1 && s2 < s1 * n1) return false;
+  return true;
+}
+
+inline const char* check_rows(int32_t dtype, int64_t B, int64_t T, int64_t V, const void* logits, int64_t sb,
+                              int64_t st, float inv_tau, int32_t threads, const int64_t* ids, const int32_t* mask) {
+  if (dtype != RERULE_DTYPE_F32 && dtype != RERULE_DTYPE_F16 && dtype != RERULE_DTYPE_BF16)
+    return "dtype must be RERULE_DTYPE_F32 (0), _F16 (1) or _BF16 (2)";
+  if (B < 0 || T < 0) return "B and T must be >= 0";
+  if (V < 1 || V > (int64_t(1) << 40)) return "V must be in [1, 2^40]";
+  if (B > 0 && T > INT64_MAX / B) return "B * T overflows int64";
+  if (sb < 0 || st < 0) return "logits strides must be >= 0";
+  if (!(inv_tau > 0.f) || std::isinf(inv_tau)) return "inv_tau must be finite and > 0";
+  if (threads != 0 && (threads < 32 || threads > 1024 || threads % 32 != 0))
+    return "threads must be 0 (auto) or a multiple of 32 in [32, 1024]";
+  if (B * T == 0) return nullptr;
+  if (!logits || !ids || !mask) return "logits, ids and mask must not be NULL";
+  if (reinterpret_cast<uintptr_t>(logits) % elem_size(dtype)) return "logits must be aligned to its element size";
+  return nullptr;
+}
+
+inline const char* check_dx(int32_t dtype, int64_t B, int64_t T, int64_t V, const void* dx, int64_t sdb, int64_t sdt) {
+  if (!dx) return "dlogits must not be NULL when a gradient is written";
+  if (reinterpret_cast<uintptr_t>(dx) % elem_size(dtype)) return "dlogits must be aligned to its element size";
+  if (sdb < 0 || sdt < 0 || !rows_disjoint(B, T, V, sdb, sdt)) return "dlogits rows overlap (bad stride_db / stride_dt)";
+  return nullptr;
+}
+
+inline const char* check_fwd(const RerGrpoArgs& a) {
+  if (const char* e = check_rows(a.dtype, a.B, a.T, a.V, a.logits, a.stride_b, a.stride_t, a.inv_tau, a.threads,
+                                 a.ids, a.mask))
+    return e;
+  if (a.compute_grad && !a.fused_loss) return "compute_grad needs fused_loss";
+  if (a.B * a.T == 0) return nullptr;
+  if (!a.logp || !a.lse) return "logp and lse must not be NULL";
+  if (a.return_entropy && !a.entropy) return "return_entropy needs entropy";
+  if (a.fused_loss && (!a.adv || !a.rw || !a.loss_tok)) return "fused_loss needs adv, rw and loss_tok";
+  if (a.compute_grad) return check_dx(a.dtype, a.B, a.T, a.V, a.dlogits, a.stride_db, a.stride_dt);
+  return nullptr;
+}
+
+inline const char* check_grad(const RerGrpoGradArgs& a) {
+  if (const char* e = check_rows(a.dtype, a.B, a.T, a.V, a.logits, a.stride_b, a.stride_t, a.inv_tau, a.threads,
+                                 a.ids, a.mask))
+    return e;
+  if (a.B * a.T == 0) return nullptr;
+  if (!a.lse || !a.g) return "lse and g must not be NULL";
+  return check_dx(a.dtype, a.B, a.T, a.V, a.dlogits, a.stride_db, a.stride_dt);
+}
+
+}  // namespace rerule

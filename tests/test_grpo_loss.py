@@ -1,0 +1,215 @@
+"""Fused GRPO loss (torch backend and Triton under the interpreter) against the fp64 spec."""
+
+import pytest
+import torch
+
+import rerule.kernels.triton_grpo as triton_grpo
+from rerule import grpo_loss
+from tests._grpo_cases import make_inputs, reference, rel_err
+
+# (name, options, which log-prob inputs exist)
+CASES = [
+    ("grpo-token-plain", dict(), dict(old=False, behavior=False, ref=False)),
+    ("grpo-token-all", dict(beta=0.04), {}),
+    ("grpo-token-onpolicy-behavior", dict(is_cap=1.5), dict(old=False, ref=False)),
+    ("grpo-token-asym-cap1", dict(epsilon_low=0.1, epsilon_high=0.28, is_cap=1.0, beta=0.02), {}),
+    ("bnpo-token-delta", dict(loss_type="bnpo", delta=1.1, beta=0.1), {}),
+    ("dr_grpo-token-dual", dict(loss_type="dr_grpo", dual_clip=1.5, max_completion_length=12), {}),
+    ("dapo-token-items-temp", dict(loss_type="dapo", num_items_in_batch=37, temperature=0.7), {}),
+    ("dapo-token-beta-noold", dict(loss_type="dapo", beta=0.3), dict(old=False)),
+    ("grpo-seq", dict(importance_sampling_level="sequence", beta=0.05), {}),
+    ("bnpo-seq-cap", dict(loss_type="bnpo", importance_sampling_level="sequence", is_cap=1.2), dict(ref=False)),
+    ("dr_grpo-seq-delta-dual", dict(loss_type="dr_grpo", importance_sampling_level="sequence", delta=1.05,
+                                    dual_clip=1.2, beta=0.01), {}),
+    ("dapo-seq-temp", dict(loss_type="dapo", importance_sampling_level="sequence", temperature=1.3), {}),
+    ("grpo-seq-plain", dict(importance_sampling_level="sequence"), dict(old=False, behavior=False, ref=False)),
+]
+TOL = 2e-5
+
+
+def _run(inputs, impl, inplace=False, return_entropy=True, **opts):
+    x = inputs["logits"].clone().requires_grad_()
+    kw = {k: v for k, v in inputs.items() if k != "logits"}
+    out = grpo_loss(x, **kw, **opts, impl=impl, inplace=inplace, return_entropy=return_entropy)
+    out.loss.backward()
+    return out, x
+
+
+def _check(out, grad, ref, tol=TOL):
+    loss_r, logp_r, ent_r, met_r, grad_r = ref
+    assert torch.isfinite(grad).all()
+    assert rel_err(out.loss.detach().reshape(1), loss_r.reshape(1)) < tol
+    assert rel_err(out.logps, logp_r) < tol
+    assert rel_err(out.entropy, ent_r) < tol
+    assert rel_err(grad, grad_r) < tol
+    for k, v in met_r.items():
+        assert abs(out.metrics[k].item() - v.item()) <= tol * max(1.0, abs(v.item())), k
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Triton outputs start as NaN: a row or element the kernel forgets to write fails the test."""
+    monkeypatch.setattr(
+        triton_grpo, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
+    monkeypatch.setenv("RERULE_BLOCK_V", "256")  # V=1007: three full vocab tiles and a partial one
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("name,opts,which", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(impl, name, opts, which, poisoned):
+    inputs = make_inputs(3, 7, 1007, seed=hash(name) % 1000, **which)
+    ref = reference(inputs, **opts)
+    out, x = _run(inputs, impl, **opts)
+    _check(out, x.grad, ref)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_inplace_writes_grad_into_logits(impl, level, poisoned):
+    inputs = make_inputs(2, 5, 1007, seed=3)
+    opts = dict(beta=0.1, importance_sampling_level=level)
+    ref = reference(inputs, **opts)
+    x = inputs["logits"].clone().requires_grad_()
+    kw = {k: v for k, v in inputs.items() if k != "logits"}
+    out = grpo_loss(x, **kw, **opts, impl=impl, inplace=True, return_entropy=True)
+    out.loss.backward()
+    _check(out, x.grad, ref)
+    # the opt-in mode really reuses the caller's buffer: it now holds the gradient (autograd copies it
+    # into .grad only because x is a leaf; a non-leaf's buffer flows on to the producer's backward)
+    assert torch.equal(x.detach(), x.grad)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_default_never_touches_logits(impl):
+    inputs = make_inputs(2, 4, 300, seed=4)
+    before = inputs["logits"].clone()
+    _run(inputs, impl, beta=0.1)
+    assert torch.equal(inputs["logits"], before)
+
+
+SHAPES = [(1, 1, 5), (1, 63, 1007), (2, 3, 2), (4, 2, 1000 + 7)]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}-T{t}-V{v}" for b, t, v in SHAPES])
+def test_awkward_shapes(impl, shape, poisoned):
+    inputs = make_inputs(*shape, seed=sum(shape))
+    opts = dict(beta=0.05, dual_clip=2.0)
+    ref = reference(inputs, **opts)
+    out, x = _run(inputs, impl, **opts)
+    _check(out, x.grad, ref)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_masked_rows_and_fully_masked_batch(impl, level, poisoned):
+    inputs = make_inputs(3, 6, 257, seed=5)
+    inputs["completion_mask"][1] = 0
+    # padding may hold anything: garbage there must not leak into the loss or the gradient
+    inputs["logits"][1] = float("nan")
+    inputs["old_logps"][1] = float("inf")
+    opts = dict(beta=0.1, importance_sampling_level=level)
+    clean = dict(inputs, logits=inputs["logits"].nan_to_num(0.0))
+    ref = reference(clean, **opts)
+    out, x = _run(inputs, impl, **opts)
+    _check(out, x.grad, ref)
+    assert (x.grad[1] == 0).all() and (out.logps[1] == 0).all()
+
+    inputs["completion_mask"].zero_()
+    out, x = _run(inputs, impl, **opts)
+    assert out.loss.item() == 0.0 and (x.grad == 0).all()
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_extreme_logits(impl, poisoned):
+    def edit(x, ids):
+        x[0, 0, :500] = 1e4
+        x[0, 1, :] = -1e4
+        x[1, :, 700:] = float("-inf")
+        ids[1] %= 700  # chosen tokens stay finite
+
+    inputs = make_inputs(2, 5, 1007, seed=6, edit=edit)
+    ref = reference(inputs, beta=0.1)
+    out, xg = _run(inputs, impl, beta=0.1)
+    _check(out, xg.grad, ref)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_selected_token_at_minus_inf_is_an_error(impl):
+    inputs = make_inputs(2, 3, 64, seed=7)
+    inputs["logits"][0, 1, inputs["completion_ids"][0, 1]] = float("-inf")
+    with pytest.raises(ValueError, match="logits"):
+        _run(inputs, impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_an_error(impl, bad):
+    inputs = make_inputs(2, 3, 64, seed=8)
+    inputs["logits"][1, 2, 5] = bad
+    inputs["completion_mask"][1, 2] = 1
+    with pytest.raises(ValueError, match="non-finite"):
+        _run(inputs, impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bf16_logits_tolerance_rule(impl):
+    """|ours_bf16 - ref_fp64| <= 2 |eager_bf16 - ref_fp64| + floor (STYLE.md)."""
+    inputs = make_inputs(2, 6, 1007, seed=9, dtype=torch.bfloat16)
+    opts = dict(beta=0.05)
+    loss_r, logp_r, _, _, grad_r = reference(inputs, **opts)
+    out, x = _run(inputs, impl, **opts)
+    # eager bf16: autograd log_softmax in bf16
+    xe = inputs["logits"].clone().requires_grad_()
+    lp = torch.log_softmax(xe, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    eager_err_lp = (lp.double() * inputs["completion_mask"] - logp_r).abs().max().item()
+    assert (out.logps.double() - logp_r).abs().max().item() <= 2 * eager_err_lp + 1e-6
+    assert rel_err(out.loss.detach().reshape(1), loss_r.reshape(1)) < 1e-4
+    assert x.grad.dtype == torch.bfloat16
+    # the gradient is rounded once to bf16 (about 2^-8 relative)
+    assert rel_err(x.grad.double(), grad_r) < 8e-3
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_strided_logits_view_and_upstream_scale(impl):
+    """TRL slices logits[:, :-1]: a view with a contiguous vocab dim runs without a copy."""
+    inputs = make_inputs(2, 5, 301, seed=10)
+    full = torch.cat([inputs["logits"], torch.randn(2, 1, 301)], dim=1)
+    ref = reference(inputs, beta=0.1)
+    xf = full.clone().requires_grad_()
+    kw = {k: v for k, v in inputs.items() if k != "logits"}
+    out = grpo_loss(xf[:, :-1], **kw, beta=0.1, impl=impl)
+    (3.0 * out.loss).backward()
+    assert rel_err(xf.grad[:, :-1], 3.0 * ref[4]) < TOL
+    assert (xf.grad[:, -1] == 0).all()
+    with pytest.raises(RuntimeError):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_grad_forward(impl):
+    inputs = make_inputs(2, 4, 100, seed=11)
+    ref = reference(inputs, beta=0.1)
+    out = grpo_loss(**inputs, beta=0.1, impl=impl)
+    assert not out.loss.requires_grad
+    assert rel_err(out.loss.reshape(1), ref[0].reshape(1)) < TOL
+
+
+def test_rewards_path_equals_advantages_path():
+    from rerule import group_advantages
+
+    inputs = make_inputs(4, 3, 50, seed=12)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    kw = {k: v for k, v in inputs.items() if k != "advantages"}
+    a = grpo_loss(**kw, rewards=rewards, group_size=2, scale_rewards="batch")
+    b = grpo_loss(**kw, advantages=group_advantages(rewards, 2, "batch"))
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    inputs = make_inputs(1, 2, 10, seed=13)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        grpo_loss(**inputs, impl="triton")
