@@ -78,7 +78,8 @@ def load_muse(
     forget = [PromptRecord(r["question"], r["answer"], subject, "forget") for r in split_rows["forget_qa"]]
     forget += [PromptRecord(r["prompt"], r["gt"], subject, "forget", kind="completion") for r in verb]
     boundary_records = [
-        PromptRecord(r["question"], r["answer"], subject, "boundary", pair=subject) for r in split_rows[boundary]
+        PromptRecord(r["question"], r["answer"], subject, "boundary", pair=subject)
+        for r in split_rows[boundary]
     ]
 
     def knowmem(name: str, split: str, icl: str) -> ProbeSet:
@@ -114,7 +115,12 @@ def load_muse(
         for split in ("forget", "retain1"):
             rows, files[f"raw/{split}"] = _rows(corpus, "raw", split, data_dir, ("text",))
             documents += [r["text"] for r in rows]
-    fmt = {"qa": KNOWMEM_FORMAT, "fill_blank": KNOWMEM_FORMAT, "completion": VERBMEM_FORMAT, "text": "{prompt}"}
+    fmt = {
+        "qa": KNOWMEM_FORMAT,
+        "fill_blank": KNOWMEM_FORMAT,
+        "completion": VERBMEM_FORMAT,
+        "text": "{prompt}",
+    }
     return UnlearningTask(
         name=f"muse/{corpus}",
         forget=forget,
@@ -123,5 +129,11 @@ def load_muse(
         probes=probes,
         prompt_formats=fmt,
         documents=documents,
-        meta={"benchmark": "muse", "hub_id": HUB_IDS[corpus], "corpus": corpus, "boundary": boundary, "files": files},
+        meta={
+            "benchmark": "muse",
+            "hub_id": HUB_IDS[corpus],
+            "corpus": corpus,
+            "boundary": boundary,
+            "files": files,
+        },
     )

@@ -28,7 +28,9 @@ from rerule.data.schema import ProbeRecord, ProbeSet, PromptRecord, UnlearningTa
 HUB_ID = "jinzhuoran/RWKU"
 PROBE_CONFIGS = ("forget_level1", "forget_level2", "forget_level3", "neighbor_level1", "neighbor_level2")
 MIA_CONFIGS = ("mia_forget", "mia_retain")
-UTILITY_CONFIGS = tuple(f"utility_{k}" for k in ("general", "reason", "truthfulness", "factuality", "fluency"))
+UTILITY_CONFIGS = tuple(
+    f"utility_{k}" for k in ("general", "reason", "truthfulness", "factuality", "fluency")
+)
 TRAIN_CONFIGS = tuple(
     f"train_{k}_{m}" for m in ("llama3", "phi3") for k in ("positive", "negative", "pair", "refusal")
 ) + ("train_original_passage",)
@@ -100,7 +102,10 @@ def load_rwku(
             continue
         recs = [
             ProbeRecord(
-                r["query"], r["answer"], r["subject"], kind=_kind(config, r["query"]),
+                r["query"],
+                r["answer"],
+                r["subject"],
+                kind=_kind(config, r["query"]),
                 meta={"level": r.get("level"), "type": r.get("type")},
             )  # fmt: skip
             for r in rows
@@ -146,5 +151,11 @@ def load_rwku(
         prompt_formats=fmt,
         documents=[r["intro"] for r in tgt_rows if r["target"] in keep],
         extras=extras,
-        meta={"benchmark": "rwku", "hub_id": HUB_ID, "targets": chosen, "forget_from": forget_from, "files": files},
+        meta={
+            "benchmark": "rwku",
+            "hub_id": HUB_ID,
+            "targets": chosen,
+            "forget_from": forget_from,
+            "files": files,
+        },
     )

@@ -120,7 +120,9 @@ class ProbeSet:
     def __post_init__(self):
         bad = [m for m in self.metrics if m not in METRICS]
         if not self.metrics or bad:
-            raise ValueError(f"ProbeSet {self.name!r}: metrics must be a non-empty subset of {METRICS}, got {self.metrics}")
+            raise ValueError(
+                f"ProbeSet {self.name!r}: metrics must be a non-empty subset of {METRICS}, got {self.metrics}"
+            )
         if "{prompt}" not in self.prompt_format:
             raise ValueError(f"ProbeSet {self.name!r}: prompt_format needs a {{prompt}} field")
 

@@ -128,7 +128,9 @@ def load_tofu(
         raise ValueError(f"questions_per_author must be >= 1, got {questions_per_author}")
     retain_cfg = FORGET_TO_RETAIN[forget]
     f_rows, f_origin = load_rows(HUB_ID, forget, SPLIT, data_dir=data_dir, required=("question", "answer"))
-    r_rows, r_origin = load_rows(HUB_ID, retain_cfg, SPLIT, data_dir=data_dir, required=("question", "answer"))
+    r_rows, r_origin = load_rows(
+        HUB_ID, retain_cfg, SPLIT, data_dir=data_dir, required=("question", "answer")
+    )
     qpa = questions_per_author
     f_subjects = author_names([r["question"] for r in f_rows], qpa)
     r_subjects = author_names([r["question"] for r in r_rows], qpa)
@@ -136,13 +138,17 @@ def load_tofu(
 
     forget_records, boundary_records, used = [], [], set()
     for i, (row, subject) in enumerate(zip(f_rows, f_subjects)):
-        forget_records.append(PromptRecord(row["question"], row["answer"], subject, "forget", meta={"row": i}))
+        forget_records.append(
+            PromptRecord(row["question"], row["answer"], subject, "forget", meta={"row": i})
+        )
         j = (i // qpa) % n_retain_authors * qpa + i % qpa
         if j < len(r_rows) and j not in used:
             used.add(j)
             b = r_rows[j]
             boundary_records.append(
-                PromptRecord(b["question"], b["answer"], r_subjects[j], "boundary", pair=subject, meta={"row": j})
+                PromptRecord(
+                    b["question"], b["answer"], r_subjects[j], "boundary", pair=subject, meta={"row": j}
+                )
             )
     retain_records = [
         PromptRecord(r["question"], r["answer"], s, "retain", meta={"row": j})
@@ -171,5 +177,11 @@ def load_tofu(
         retain=retain_records,
         probes=probes,
         prompt_formats=fmt,
-        meta={"benchmark": "tofu", "hub_id": HUB_ID, "forget": forget, "retain": retain_cfg, "files": origins},
+        meta={
+            "benchmark": "tofu",
+            "hub_id": HUB_ID,
+            "forget": forget,
+            "retain": retain_cfg,
+            "files": origins,
+        },
     )
