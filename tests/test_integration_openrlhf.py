@@ -80,14 +80,19 @@ CASES = [
 
 def _module(case):
     return PolicyLoss(
-        clip_eps_low=case.get("low", 0.2), clip_eps_high=case.get("high", 0.2), dual_clip=case.get("dual_clip"),
+        clip_eps_low=case.get("low", 0.2), clip_eps_high=case.get("high", 0.2),
+        dual_clip=case.get("dual_clip"),
         token_level_loss=case.get("token_level", True), policy_loss_type=case.get("ptype", "ppo"),
         enable_vllm_is_correction=case.get("vllm_is", False), vllm_is_truncated_threshold=case.get("thr"),
         vllm_is_correction_type=case.get("is_type", "tis"),
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+def _case_id(c):
+    return "-".join(f"{k}={v}" for k, v in c.items()) or "default"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_openrlhf(case, seed):
     lp, old, adv, mask, rollout = make(seed=seed)

@@ -124,14 +124,16 @@ def test_dual_clip_and_clamp_are_exercised():
 def test_advantages_per_sequence_broadcast():
     old, lp, adv, mask, _ = make(seed=5)
     full, _ = compute_policy_loss(old.float(), lp.float(), adv.float(), mask, "seq-mean-token-mean", {})
-    per_seq, _ = compute_policy_loss(old.float(), lp.float(), adv[:, 0].float(), mask, "seq-mean-token-mean", {})
+    per_seq, _ = compute_policy_loss(old.float(), lp.float(), adv[:, 0].float(), mask,
+                                     "seq-mean-token-mean", {})
     torch.testing.assert_close(full, per_seq)
 
 
 def test_empty_mask_gives_zero_not_nan():
     old, lp, adv, mask, _ = make()
     for mode in AGG_MODES:
-        loss, metrics = compute_policy_loss(old.float(), lp.float(), adv.float(), torch.zeros_like(mask), mode, {})
+        empty = torch.zeros_like(mask)
+        loss, metrics = compute_policy_loss(old.float(), lp.float(), adv.float(), empty, mode, {})
         assert loss.item() == 0.0 and all(v == 0.0 for v in metrics.values())
 
 

@@ -65,7 +65,9 @@ def check_same_shape(ref_name, ref, **tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != ref.shape:
-            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}"
+            )
 
 
 def config_get(config, name, default=None):

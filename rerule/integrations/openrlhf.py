@@ -68,13 +68,19 @@ class PolicyLoss(nn.Module):
         if policy_loss_type not in POLICY_LOSS_TYPES:
             raise ValueError(f"policy_loss_type must be one of {POLICY_LOSS_TYPES}, got {policy_loss_type!r}")
         if vllm_is_correction_type not in VLLM_IS_TYPES:
-            raise ValueError(f"vllm_is_correction_type must be one of {VLLM_IS_TYPES}, got {vllm_is_correction_type!r}")
+            raise ValueError(
+                f"vllm_is_correction_type must be one of {VLLM_IS_TYPES}, got {vllm_is_correction_type!r}"
+            )
         if enable_vllm_is_correction:
             if vllm_is_truncated_threshold is None or len(vllm_is_truncated_threshold) != 2:
-                raise ValueError("vllm_is_truncated_threshold must be [low, high] when enable_vllm_is_correction=True")
+                raise ValueError(
+                    "vllm_is_truncated_threshold must be [low, high] when enable_vllm_is_correction=True"
+                )
             low, high = vllm_is_truncated_threshold
             if not 0 <= low <= high:
-                raise ValueError(f"vllm_is_truncated_threshold must satisfy 0 <= low <= high, got {low}, {high}")
+                raise ValueError(
+                    f"vllm_is_truncated_threshold must satisfy 0 <= low <= high, got {low}, {high}"
+                )
         # LossOptions checks eps (>= 0, eps_low < 1) and dual_clip (> 1) and names the bad one.
         self.options = LossOptions(epsilon_low=float(clip_eps_low), epsilon_high=float(clip_eps_high),
                                    dual_clip=None if dual_clip is None else float(dual_clip))
@@ -137,7 +143,7 @@ class PolicyLoss(nn.Module):
         with torch.no_grad():
             r = lr.detach().exp()
             adv = advantages.float()
-            clip_ratio = masked_mean((r.clamp(1 - self.options.epsilon_low, 1 + self.options.epsilon_high) * adv
-                                      < r * adv).float(), m)
+            clipped = r.clamp(1 - self.options.epsilon_low, 1 + self.options.epsilon_high) * adv
+            clip_ratio = masked_mean((clipped < r * adv).float(), m)
             ppo_kl = masked_mean(-tok_lr.detach(), m)
         return loss, clip_ratio, ppo_kl, vllm_kl

@@ -41,7 +41,9 @@ import torch
 from rerule.integrations._policy_math import check_same_shape, clipped_surrogate, config_get, masked_mean
 from rerule.kernels.options import LossOptions
 
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = (
+    "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
+)
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -63,7 +65,10 @@ def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=Non
         seq = (loss_mat * m).sum(-1) / (counts + 1e-8)
     else:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
-    n_seq = nonempty.sum() if global_batch_size is None else torch.as_tensor(global_batch_size, dtype=seq.dtype)
+    if global_batch_size is None:
+        n_seq = nonempty.sum()
+    else:
+        n_seq = torch.as_tensor(global_batch_size, dtype=seq.dtype)
     loss = (seq * nonempty).sum() / n_seq.clamp(min=1.0) * dp_size
     if loss_agg_mode == "seq-mean-token-sum-norm":
         loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
@@ -132,7 +137,9 @@ def compute_policy_loss(
         raise ValueError("log_prob must be a [B, T] tensor")
     if advantages is not None and isinstance(advantages, torch.Tensor) and advantages.dim() == 1:
         if advantages.shape[0] != log_prob.shape[0]:
-            raise ValueError(f"advantages [B] must have B = {log_prob.shape[0]}, got {tuple(advantages.shape)}")
+            raise ValueError(
+                f"advantages [B] must have B = {log_prob.shape[0]}, got {tuple(advantages.shape)}"
+            )
         advantages = advantages.unsqueeze(-1).expand_as(log_prob)
     check_same_shape("log_prob", log_prob, old_log_prob=old_log_prob, advantages=advantages,
                      response_mask=response_mask, rollout_is_weights=rollout_is_weights)
