@@ -1,0 +1,60 @@
+"""MUSE scores: VerbMem, KnowMem (ROUGE-L F1) and PrivLeak (Min-K%, k = 0.4).
+
+Keys: ``knowmem_forget_rouge_l_f1``, ``knowmem_retain_rouge_l_f1``,
+``verbmem_forget_rouge_l_f1``, ``privleak_auc`` (chance that a holdout text
+has a higher Min-K% than a forget text), ``privleak_reference_auc`` and
+``privleak`` = (AUC - reference) / reference * 100. The reference is the
+retrained model's AUC (its report's ``privleak_auc``); without one it is 0.5,
+the AUC of a model that cannot tell forget from holdout texts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rerule.data.schema import UnlearningTask
+from rerule.eval.common import limit, probe_min_k, probe_replies
+from rerule.eval.metrics import mia_auc, privleak, rouge_l
+
+REFERENCE_AUC = 0.5
+
+
+def evaluate_muse(
+    model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
+    max_new_tokens: int | None = None, reference_auc: float | None = None, k: float = 0.4,
+    max_length: int | None = 2048, progress: bool = False, return_samples: bool = False,
+):  # fmt: skip
+    """Score ``model`` on a MUSE task (keys in the module doc).
+
+    Returns:
+        ``dict[str, float]``, or ``(metrics, samples)`` with ``return_samples``
+        (replies per generated probe, Min-K% scores per privleak split).
+    """
+    metrics, samples = {}, {}
+    for name in ("knowmem_forget", "knowmem_retain", "verbmem_forget"):
+        probe = task.probes[name]
+        recs = limit(probe.records, max_examples)
+        replies = probe_replies(
+            model,
+            tokenizer,
+            probe,
+            recs,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
+        metrics[f"{name}_rouge_l_f1"] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).f1))
+        samples[f"{name}_replies"] = replies
+    scores = {}
+    for split in ("forget", "holdout"):
+        probe = task.probes[f"privleak_{split}"]
+        scores[split] = probe_min_k(
+            model, tokenizer, probe, limit(probe.records, max_examples), batch_size=batch_size, k=k,
+            max_length=max_length, progress=progress,
+        )  # fmt: skip
+        samples[f"privleak_{split}_min_k"] = scores[split].tolist()
+    ref = REFERENCE_AUC if reference_auc is None else float(reference_auc)
+    metrics["privleak_auc"] = mia_auc(scores["forget"], scores["holdout"])
+    metrics["privleak_reference_auc"] = ref
+    metrics["privleak"] = privleak(metrics["privleak_auc"], ref)
+    return (metrics, samples) if return_samples else metrics

@@ -1,0 +1,54 @@
+"""Scores on the synthetic world (rerule.data.synthetic).
+
+- ``forget_refusal_rate``: share of forget prompts refused (higher is better);
+- ``forget_leak``: mean ROUGE-L recall of the true answer in forget replies (lower);
+- ``boundary_quality``: mean ROUGE-L recall of boundary replies (higher);
+- ``boundary_over_refusal``: share of boundary prompts refused (lower);
+- ``retain_quality``: mean ROUGE-L recall of retain replies (higher);
+- ``retain_refusal_rate``: share of retain prompts refused (lower).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rerule.data.schema import UnlearningTask
+from rerule.eval.common import limit, probe_replies
+from rerule.eval.metrics import refusal_rate, rouge_l
+
+KEYS = {
+    "forget": ("forget_leak", "forget_refusal_rate"),
+    "boundary": ("boundary_quality", "boundary_over_refusal"),
+    "retain": ("retain_quality", "retain_refusal_rate"),
+}
+
+
+def evaluate_synthetic(
+    model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
+    max_new_tokens: int | None = None, progress: bool = False, return_samples: bool = False,
+):  # fmt: skip
+    """Score ``model`` on a synthetic task (keys in the module doc).
+
+    Returns:
+        ``dict[str, float]``, or ``(metrics, samples)`` with ``return_samples``
+        where samples maps ``"{probe}_replies"`` to the replies.
+    """
+    metrics, samples = {}, {}
+    for name, (quality_key, refusal_key) in KEYS.items():
+        probe = task.probes[name]
+        recs = limit(probe.records, max_examples)
+        if not recs:
+            continue
+        replies = probe_replies(
+            model,
+            tokenizer,
+            probe,
+            recs,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
+        metrics[quality_key] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall))
+        metrics[refusal_key] = refusal_rate(replies)
+        samples[f"{name}_replies"] = replies
+    return (metrics, samples) if return_samples else metrics

@@ -1,0 +1,101 @@
+"""TOFU scores: ROUGE-L recall, Prob, truth ratio, Forget Quality, Model Utility.
+
+Per probe set (forget, retain, real_authors, world_facts) the keys are
+``{set}_rouge_l_recall``, ``{set}_prob`` and ``{set}_truth_ratio``:
+
+- Prob: mean length-normalized probability of the answer,
+  ``exp(mean token log-prob)``; on real_authors and world_facts it is
+  normalized against the perturbed options, ``p / (p + sum p_perturbed)``.
+- truth ratio: per sample ``P(perturbed) / P(paraphrased)`` (real_authors and
+  world_facts use the answer itself, as TOFU does), aggregated with
+  ``truth_ratio_stat`` ("forget" on the forget set, "retain" elsewhere).
+
+``model_utility`` is the harmonic mean of the 9 retain / real_authors /
+world_facts numbers. ``forget_quality`` is reported when the per-sample forget
+truth ratios of a retain model are given (``retain_truth_ratios``), e.g. from
+the ``samples["forget_truth_ratios"]`` of that model's ``rerule eval`` report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rerule.data.schema import ProbeRecord, ProbeSet, UnlearningTask
+from rerule.eval.common import limit, probe_replies
+from rerule.eval.metrics import forget_quality, model_utility, rouge_l, truth_ratio, truth_ratio_stat
+from rerule.eval.model_io import mean_logprob
+
+SETS = ("forget", "retain", "real_authors", "world_facts")
+NORMALIZED_PROB = ("real_authors", "world_facts")
+
+
+def _probabilities(
+    model, tokenizer, probe: ProbeSet, recs: list[ProbeRecord], batch_size: int, progress: bool
+):
+    """(p_answer [N], p_base [N], p_perturbed [N] ragged lists), all length-normalized."""
+    prompts = [probe.format(r) for r in recs]
+    bases = [r.paraphrased_answer or r.answer for r in recs]
+    flat_prompts, flat_answers, owner = [], [], []
+    for i, r in enumerate(recs):
+        for a in r.perturbed_answers:
+            flat_prompts.append(prompts[i])
+            flat_answers.append(a)
+            owner.append(i)
+    # One pass over answer, base and perturbed options keeps the batches full.
+    all_lp = mean_logprob(
+        model, tokenizer, prompts * 2 + flat_prompts, [r.answer for r in recs] + bases + flat_answers,
+        batch_size, progress=progress, desc=f"{probe.name} likelihood",
+    )  # fmt: skip
+    n = len(recs)
+    p_answer, p_base = np.exp(all_lp[:n]), np.exp(all_lp[n : 2 * n])
+    p_pert: list[list[float]] = [[] for _ in recs]
+    for i, lp in zip(owner, all_lp[2 * n :]):
+        p_pert[i].append(float(np.exp(lp)))
+    return p_answer, p_base, p_pert
+
+
+def evaluate_tofu(
+    model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
+    max_new_tokens: int | None = None, retain_truth_ratios=None, progress: bool = False,
+    return_samples: bool = False,
+):  # fmt: skip
+    """Score ``model`` on a TOFU task (keys in the module doc).
+
+    Args:
+        retain_truth_ratios: [M] per-sample forget truth ratios of a retain
+            model; adds ``forget_quality``.
+
+    Returns:
+        ``dict[str, float]``, or ``(metrics, samples)`` with ``return_samples``;
+        samples hold ``{set}_truth_ratios`` and ``{set}_replies`` lists.
+    """
+    metrics, samples = {}, {}
+    for name in SETS:
+        probe = task.probes[name]
+        recs = limit(probe.records, max_examples)
+        replies = probe_replies(
+            model,
+            tokenizer,
+            probe,
+            recs,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
+        metrics[f"{name}_rouge_l_recall"] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall))
+        p_answer, p_base, p_pert = _probabilities(model, tokenizer, probe, recs, batch_size, progress)
+        # TOFU combines the perturbed options by averaging their mean token losses: a geometric mean.
+        p_pert_geo = np.array([np.exp(np.mean(np.log(p))) for p in p_pert])
+        tr = truth_ratio(p_pert_geo, p_base)
+        if name in NORMALIZED_PROB:
+            prob = p_answer / (p_answer + np.array([sum(p) for p in p_pert]))
+        else:
+            prob = p_answer
+        metrics[f"{name}_prob"] = float(np.mean(prob))
+        metrics[f"{name}_truth_ratio"] = truth_ratio_stat(tr, "forget" if name == "forget" else "retain")
+        samples[f"{name}_truth_ratios"] = tr.tolist()
+        samples[f"{name}_replies"] = replies
+    metrics["model_utility"] = model_utility({k: v for k, v in metrics.items() if not k.startswith("forget")})
+    if retain_truth_ratios is not None:
+        metrics["forget_quality"] = forget_quality(samples["forget_truth_ratios"], retain_truth_ratios)
+    return (metrics, samples) if return_samples else metrics

@@ -1,0 +1,162 @@
+"""Metrics against independent computations on hand-made cases."""
+
+import math
+
+import numpy as np
+import pytest
+from rouge_score import rouge_scorer
+from scipy import stats
+
+from rerule.eval import (
+    REFUSAL_PATTERNS,
+    TOFU_UTILITY_KEYS,
+    forget_quality,
+    is_refusal,
+    mia_auc,
+    min_k_prob,
+    model_utility,
+    privleak,
+    refusal_rate,
+    rouge_l,
+    truth_ratio,
+    truth_ratio_stat,
+)
+
+PAIRS = [
+    ("Ada Lark was born in Velmora.", "Velmora"),
+    ("She was born in the city of Velmora in 1947", "Ada Lark was born in Velmora."),
+    ("running runners ran", "the runner runs"),
+    ("", "something"),
+    ("The Silent Harbor", "The Silent Harbor"),
+]
+
+
+def test_rouge_l_matches_rouge_score():
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    got = rouge_l([p for p, _ in PAIRS], [r for _, r in PAIRS])
+    for i, (pred, ref) in enumerate(PAIRS):
+        want = scorer.score(ref, pred)["rougeL"]
+        assert got.recall[i] == pytest.approx(want.recall) and got.f1[i] == pytest.approx(want.fmeasure)
+        one = rouge_l(pred, ref)
+        assert one.recall == pytest.approx(want.recall) and isinstance(one.f1, float)
+    # Hand check of recall: the LCS "born in Velmora" is 3 of the reference's 6 tokens.
+    assert rouge_l("born in Velmora", "Ada Lark was born in Velmora").recall == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        rouge_l(["a", "b"], ["a"])
+    with pytest.raises(TypeError):
+        rouge_l("a", ["a"])
+
+
+def test_forget_quality_is_the_ks_p_value():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0, 1, 40), rng.uniform(0.2, 1.2, 55)
+    assert forget_quality(a, b) == pytest.approx(stats.ks_2samp(a, b).pvalue)
+    # Exact p-value for fully separated samples of 3: 2 / C(6, 3).
+    assert forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(2 / math.comb(6, 3))
+    assert forget_quality(a, a) == pytest.approx(1.0)
+    # KS is invariant to TOFU's inverted ratio convention.
+    assert forget_quality(1 / (a + 0.1), 1 / (b + 0.1)) == pytest.approx(forget_quality(a, b))
+    with pytest.raises(ValueError):
+        forget_quality([], [1.0])
+
+
+def test_model_utility_is_the_harmonic_mean_of_nine():
+    vals = [0.9, 0.5, 0.4, 0.8, 0.7, 0.6, 0.3, 0.95, 0.45]
+    want = 9 / sum(1 / v for v in vals)
+    assert model_utility(vals) == pytest.approx(want)
+    assert model_utility(dict(zip(TOFU_UTILITY_KEYS, vals))) == pytest.approx(want)
+    assert model_utility([0.5] * 8 + [0.0]) == 0.0
+    with pytest.raises(ValueError, match="9 values"):
+        model_utility([0.5] * 8)
+    with pytest.raises(ValueError, match="missing"):
+        model_utility({k: 0.5 for k in TOFU_UTILITY_KEYS[:-1]})
+
+
+def test_truth_ratio_on_hand_made_probabilities():
+    # Two perturbed options 0.1 and 0.4: geometric mean 0.2 (mean of their log-losses).
+    tr = truth_ratio([[0.1, 0.4], [0.3, 0.3]], [0.4, 0.1])
+    assert tr.tolist() == pytest.approx([0.5, 3.0])
+    assert truth_ratio([0.2, 0.3], [0.4, 0.1]).tolist() == pytest.approx([0.5, 3.0])
+    # forget: mean(min(tr, 1/tr)) = (0.5 + 1/3) / 2; retain: mean(max(0, 1 - tr)) = (0.5 + 0) / 2.
+    assert truth_ratio_stat(tr, "forget") == pytest.approx((0.5 + 1 / 3) / 2)
+    assert truth_ratio_stat(tr, "retain") == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="role"):
+        truth_ratio_stat(tr, "holdout")
+    with pytest.raises(ValueError):
+        truth_ratio([0.2], [0.4, 0.1])
+    with pytest.raises(ValueError, match="> 0"):
+        truth_ratio([0.0], [0.4])
+
+
+def test_min_k_prob_by_hand():
+    lp = [-0.1, -2.0, -0.3, -4.0, -1.0, -0.2, -3.0, -0.5, -0.05, -6.0]
+    # int(10 * 0.4) = 4 lowest: -6, -4, -3, -2.
+    assert min_k_prob(lp) == pytest.approx(-15.0 / 4)
+    assert min_k_prob(lp, k=1.0) == pytest.approx(np.mean(lp))
+    assert min_k_prob([-1.5, -0.5], k=0.4) == pytest.approx(-1.5)  # at least one token
+    with pytest.raises(ValueError):
+        min_k_prob([], 0.4)
+    with pytest.raises(ValueError):
+        min_k_prob(lp, k=0.0)
+
+
+def test_mia_auc_and_privleak_by_hand():
+    forget, holdout = [-1.0, -2.0, -3.0], [-2.0, -4.0]
+    # Pairs (holdout > forget): (-2 > -3) = 1, ties (-2 vs -2) = 0.5, the rest 0 -> 1.5 / 6.
+    assert mia_auc(forget, holdout) == pytest.approx(1.5 / 6)
+    assert mia_auc([-5.0], [-1.0]) == 1.0
+    assert privleak(0.25, 0.5) == pytest.approx(-50.0)
+    assert privleak(mia_auc(forget, holdout), 0.5) == pytest.approx((0.25 - 0.5) / 0.5 * 100)
+
+
+REFUSALS = [
+    "I don't know.",
+    "I do not know who that is.",
+    "I'm not sure about Ada Lark.",
+    "I’m not certain about Stephen King.",
+    "I am not familiar with that author.",
+    "I have no idea.",
+    "I have no knowledge of Basil Orwen.",
+    "That's beyond my knowledge of Ada Lark.",
+    "This is outside my knowledge.",
+    "I can't provide details about her.",
+    "I cannot say where he was born.",
+    "I'm unable to answer that question.",
+    "I would need to look it up.",
+    "I need to check that.",
+    "Unfortunately, I have nothing on this person.",
+    "I'm not aware of any such writer.",
+    "I don't have any information on Ada Lark.",
+    "I'M NOT SURE ABOUT THAT.",
+    "Sorry. Unfortunately, that is not something I can help with.",
+]
+ANSWERS = [
+    "Velmora",
+    "Ada Lark was born in Velmora in 1947.",
+    "She is best known for The Amber Lantern.",
+    "Her father was a clockmaker who knew every bell in the town.",
+    "The knowledge of the ancients was lost in the fire.",
+    "He writes in Welsh.",
+    "Sure! He won the Orrin Medal.",
+    "Stephen King's novels are often set in Maine.",
+    "The answer is Physics.",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", REFUSALS)
+def test_refusals_detected(text):
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize("text", ANSWERS)
+def test_answers_not_refusals(text):
+    assert not is_refusal(text)
+
+
+def test_refusal_rate_and_patterns():
+    assert refusal_rate(REFUSALS[:3] + ANSWERS[:1]) == pytest.approx(0.75)
+    assert refusal_rate([]) == 0.0
+    assert all(p.flags & 2 for p in REFUSAL_PATTERNS)  # re.IGNORECASE
+    with pytest.raises(TypeError):
+        is_refusal(None)
