@@ -39,6 +39,13 @@ def test_rouge_l_matches_rouge_score():
         assert got.recall[i] == pytest.approx(want.recall) and got.f1[i] == pytest.approx(want.fmeasure)
         one = rouge_l(pred, ref)
         assert one.recall == pytest.approx(want.recall) and isinstance(one.f1, float)
+    plain = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(
+        "the runner runs", "running runners ran"
+    )
+    assert rouge_l("running runners ran", "the runner runs", use_stemmer=False).recall == pytest.approx(
+        plain["rougeL"].recall
+    )
+    assert rouge_l("runs", "run").recall == 1.0 and rouge_l("runs", "run", use_stemmer=False).recall == 0.0
     # Hand check of recall: the LCS "born in Velmora" is 3 of the reference's 6 tokens.
     assert rouge_l("born in Velmora", "Ada Lark was born in Velmora").recall == pytest.approx(0.5)
     with pytest.raises(ValueError, match="2 predictions but 1 references"):

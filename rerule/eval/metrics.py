@@ -44,19 +44,22 @@ class RougeL(NamedTuple):
     f1: float | np.ndarray
 
 
-@lru_cache(maxsize=1)
-def _scorer():
+@lru_cache(maxsize=2)
+def _scorer(use_stemmer: bool):
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
 
 
-def rouge_l(predictions: str | Sequence[str], references: str | Sequence[str]) -> RougeL:
-    """ROUGE-L of predictions against references (rouge-score, stemmed).
+def rouge_l(
+    predictions: str | Sequence[str], references: str | Sequence[str], *, use_stemmer: bool = True
+) -> RougeL:
+    """ROUGE-L of predictions against references (rouge-score).
 
     Args:
         predictions: a string, or [N] strings.
         references: the same shape as ``predictions``.
+        use_stemmer: Porter-stem tokens first (TOFU's and open-unlearning's setting).
 
     Example:
         >>> rouge_l("born in Velmora", "Velmora").recall
@@ -67,11 +70,11 @@ def rouge_l(predictions: str | Sequence[str], references: str | Sequence[str]) -
     if isinstance(predictions, str) != isinstance(references, str):
         raise TypeError("rouge_l: predictions and references must both be str or both be sequences")
     if isinstance(predictions, str):
-        s = _scorer().score(references, predictions)["rougeL"]
+        s = _scorer(use_stemmer).score(references, predictions)["rougeL"]
         return RougeL(float(s.recall), float(s.fmeasure))
     if len(predictions) != len(references):
         raise ValueError(f"rouge_l: {len(predictions)} predictions but {len(references)} references")
-    scores = [_scorer().score(r, p)["rougeL"] for p, r in zip(predictions, references)]
+    scores = [_scorer(use_stemmer).score(r, p)["rougeL"] for p, r in zip(predictions, references)]
     return RougeL(np.array([s.recall for s in scores], float), np.array([s.fmeasure for s in scores], float))
 
 
