@@ -113,11 +113,12 @@ def grpo_loss_reference(
         surrogate = torch.where(adv < 0, torch.max(surrogate, o.dual_clip * adv), surrogate)
 
     if behavior_logps is None:
-        w_raw = torch.ones_like(logp)
+        # no behaviour policy: the tokens are on-policy and w is exactly 1, whatever is_cap is
+        w_raw = w = torch.ones_like(logp)
     else:
         beh = torch.where(valid, behavior_logps.to(dtype), old)
         w_raw = torch.exp(old - beh).detach()
-    w = torch.clamp(w_raw, max=o.is_cap)
+        w = torch.clamp(w_raw, max=o.is_cap)
 
     loss_tok = -(w * surrogate)
     kl = torch.zeros_like(logp)
