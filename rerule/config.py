@@ -1,0 +1,560 @@
+"""Training configuration: nested dataclasses with help text, validated on construction.
+
+Every field carries its help string in ``field(metadata={"help": ...})``; ``describe()`` prints them.
+A config is built from a YAML file (``TrainConfig.from_yaml``), from a dict (``from_dict``), and
+overridden by dotted keys (``apply_overrides({"replay.cap": 1.5})``, the CLI's ``--replay.cap 1.5``).
+Validation runs in ``__post_init__``, so a bad config fails before any data or model is loaded.
+
+Defaults are RULE's published settings where they apply (group 8, temperature 1.0, k3 KL 1e-2,
+clip 0.2 / 0.3 with dual clip 3.0, lr 2e-6, AdamW wd 0.01, grad clip 1.0, one update per rollout
+batch) and, for replay, the toy study of DESIGN.md (start early, staleness ~16, ~12.5 % of the
+batch replayed, lambda 1, cap 2, uniform sampling in the buffer, recomputed advantages).
+
+Example:
+    >>> cfg = TrainConfig.from_dict({"rollout": {"group_size": 4}, "replay": {"lambda": 0.5}})
+    >>> cfg.apply_overrides({"replay.cap": "1.5"}).replay.cap
+    1.5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rerule.kernels.options import ADV_SCALES, IS_LEVELS, LOSS_TYPES, LossOptions
+
+TASKS = ("synthetic", "tofu", "muse", "rwku")
+REWARD_VARIANTS = ("two_stage", "two_stage_target", "forget", "forget_abs")
+# Config keys that are Python keywords, spelled in YAML / on the CLI by their usual name.
+ALIASES = {"lambda": "lam"}
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _check(cond: bool, name: str, message: str):
+    if not cond:
+        raise ValueError(f"config: {name} {message}")
+
+
+def _positive(name: str, value, allow_zero: bool = False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _check(
+        ok and (value >= 0 if allow_zero else value > 0),
+        name,
+        f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}",
+    )
+
+
+def _choice(name: str, value, choices):
+    _check(value in choices, name, f"must be one of {tuple(choices)}, got {value!r}")
+
+
+@dataclass
+class TinyModelConfig:
+    """A tiny Llama built from scratch (tests, CPU demo)."""
+
+    hidden_size: int = _help("model width", 64)
+    intermediate_size: int = _help("MLP width", 128)
+    num_layers: int = _help("decoder layers", 2)
+    num_heads: int = _help("attention heads", 4)
+    num_kv_heads: int = _help("key/value heads (GQA)", 2)
+    max_position_embeddings: int = _help("longest prompt + completion", 512)
+    tokenizer: str = _help(
+        "'char' (printable ASCII, one token per character) or 'bpe' (trained on the task)", "char"
+    )
+    bpe_vocab_size: int = _help("vocab size of the trained BPE tokenizer", 512)
+
+    def __post_init__(self):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+            "bpe_vocab_size",
+        ):
+            _check(
+                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                f"model.tiny.{name}",
+                "must be an int > 0",
+            )
+        _check(
+            self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "must be divisible by num_heads"
+        )
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            "model.tiny.num_heads",
+            "must be divisible by num_kv_heads",
+        )
+        _choice("model.tiny.tokenizer", self.tokenizer, ("char", "bpe"))
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through PEFT; the KL reference is then the adapter-disabled base."""
+
+    enabled: bool = _help("train LoRA adapters instead of all weights", False)
+    r: int = _help("LoRA rank", 16)
+    alpha: float = _help("LoRA alpha (scale = alpha / r)", 32.0)
+    dropout: float = _help("LoRA dropout (0 keeps behaviour log-probs exact)", 0.0)
+    target_modules: Any = _help("PEFT target_modules: 'all-linear' or a list of module names", "all-linear")
+
+    def __post_init__(self):
+        _check(isinstance(self.r, int) and self.r > 0, "model.lora.r", f"must be an int > 0, got {self.r!r}")
+        _positive("model.lora.alpha", self.alpha)
+        _check(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _help("Hugging Face id or local path of an AutoModelForCausalLM, or 'tiny'", "tiny")
+    tokenizer: str | None = _help(
+        "tokenizer id/path (default: name_or_path; 'tiny' uses model.tiny.tokenizer)", None
+    )
+    tiny: TinyModelConfig = _help("shape of the tiny Llama (name_or_path: tiny)", factory=TinyModelConfig)
+    dtype: str = _help(
+        "parameter dtype: auto (fp32 master weights; bf16 frozen base under LoRA on GPU), "
+        "float32, bfloat16, float16",
+        "auto",
+    )
+    autocast: str = _help(
+        "autocast dtype for forwards: auto (bf16 on CUDA, off on CPU), bfloat16, float16, none", "auto"
+    )
+    attn_implementation: str = _help(
+        "auto (flash_attention_2 when installed on CUDA, else sdpa), sdpa, eager, flash_attention_2", "auto"
+    )
+    liger: str = _help(
+        "Liger model kernels (RMSNorm, SwiGLU, RoPE) on CUDA: auto (when installed), on, off", "auto"
+    )
+    gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
+    trust_remote_code: bool = _help("passed to from_pretrained", False)
+    lora: LoraConfig = _help("LoRA settings", factory=LoraConfig)
+
+    def __post_init__(self):
+        _check(
+            isinstance(self.name_or_path, str) and self.name_or_path != "",
+            "model.name_or_path",
+            "must be a non-empty str",
+        )
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("model.autocast", self.autocast, ("auto", "bfloat16", "float16", "none"))
+        _choice(
+            "model.attn_implementation",
+            self.attn_implementation,
+            ("auto", "sdpa", "eager", "flash_attention_2"),
+        )
+        _choice("model.liger", self.liger, ("auto", "on", "off"))
+
+
+@dataclass
+class TaskConfig:
+    name: str = _help(f"benchmark, one of {TASKS} (resolved by rerule.data.load_task)", "synthetic")
+    forget: str | None = _help("forget split: TOFU forget01/05/10, MUSE books/news", None)
+    data_dir: str | None = _help(
+        "local directory with the benchmark files (None: the Hugging Face hub)", None
+    )
+    kwargs: dict = _help("extra loader arguments, e.g. {hardness: 0.8, seed: 0} for synthetic", factory=dict)
+
+    def __post_init__(self):
+        _choice("task.name", self.name, TASKS)
+        _check(isinstance(self.kwargs, dict), "task.kwargs", "must be a mapping")
+        if self.data_dir is not None:
+            _check(
+                Path(self.data_dir).is_dir(),
+                "task.data_dir",
+                f"{self.data_dir!r} does not exist (missing data: fetch it, or drop data_dir for the hub)",
+            )
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = _help("completions per prompt (G); advantages are normalized within a group", 8)
+    prompts_per_step: int = _help(
+        "fresh prompts sampled per step (the batch is prompts_per_step * group_size)", 32
+    )
+    temperature: float = _help("sampling temperature; the loss uses the same tau", 1.0)
+    top_p: float = _help(
+        "nucleus sampling; < 1 makes the sampler differ from the policy the loss assumes", 1.0
+    )
+    max_new_tokens: int = _help("longest completion", 64)
+    max_prompt_length: int = _help("prompts are cut from the left to this many tokens", 512)
+    chat_template: str = _help("auto (use the tokenizer's chat template when it has one), on, off", "auto")
+    generation_batch_groups: int | None = _help("groups per generate call (None: all at once)", None)
+
+    def __post_init__(self):
+        _check(
+            isinstance(self.group_size, int) and self.group_size >= 2,
+            "rollout.group_size",
+            f"must be an int >= 2 (a group of one has zero advantage), got {self.group_size!r}",
+        )
+        _check(
+            isinstance(self.prompts_per_step, int) and self.prompts_per_step >= 1,
+            "rollout.prompts_per_step",
+            f"must be an int >= 1, got {self.prompts_per_step!r}",
+        )
+        _positive("rollout.temperature", self.temperature)
+        _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p!r}")
+        for name in ("max_new_tokens", "max_prompt_length"):
+            _check(
+                isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                f"rollout.{name}",
+                "must be an int >= 1",
+            )
+        _choice("rollout.chat_template", self.chat_template, ("auto", "on", "off"))
+        if self.generation_batch_groups is not None:
+            _check(
+                isinstance(self.generation_batch_groups, int) and self.generation_batch_groups >= 1,
+                "rollout.generation_batch_groups",
+                "must be None or an int >= 1",
+            )
+
+
+@dataclass
+class RewardConfig:
+    variant: str = _help(
+        "RULE reward: two_stage (MUSE), two_stage_target (RWKU), forget, forget_abs (REFERENCE.md's table)",
+        "two_stage",
+    )
+    rouge_threshold: float | None = _help(
+        "ROUGE-L recall threshold on boundary prompts (None: the variant's own, 0.3 or 0.5)", None
+    )
+
+    def __post_init__(self):
+        _choice("reward.variant", self.variant, REWARD_VARIANTS)
+        if self.rouge_threshold is not None:
+            _check(0 <= self.rouge_threshold <= 1, "reward.rouge_threshold", "must be in [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("AdamW learning rate (RULE: 2e-6 Llama, 3e-6 Qwen; a tiny model needs ~1e-3)", 2e-6)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    betas: tuple = _help("AdamW betas", (0.9, 0.999))
+    eps: float = _help("AdamW eps", 1e-8)
+    grad_clip: float | None = _help("max global grad norm (None: no clipping)", 1.0)
+    micro_batch_groups: int | None = _help(
+        "groups per forward/backward (gradient accumulation; None: all)", None
+    )
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.eps", self.eps)
+        self.betas = tuple(self.betas)
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            "must be two numbers in [0, 1)",
+        )
+        if self.grad_clip is not None:
+            _positive("optim.grad_clip", self.grad_clip)
+        if self.micro_batch_groups is not None:
+            _check(
+                isinstance(self.micro_batch_groups, int) and self.micro_batch_groups >= 1,
+                "optim.micro_batch_groups",
+                f"must be None or an int >= 1, got {self.micro_batch_groups!r}",
+            )
+
+
+@dataclass
+class LossConfig:
+    beta: float = _help("k3 KL coefficient against the warm-start reference (0: no reference model)", 1e-2)
+    epsilon_low: float = _help("PPO clip low", 0.2)
+    epsilon_high: float = _help("PPO clip high", 0.3)
+    dual_clip: float | None = _help("dual clip c > 1 for negative advantages (None: off)", 3.0)
+    loss_type: str = _help(f"normalizer, one of {LOSS_TYPES} (TRL's definitions)", "grpo")
+    importance_sampling_level: str = _help("token or sequence (GSPO) ratio", "token")
+    scale_rewards: str = _help(f"advantage scale, one of {ADV_SCALES}", "group")
+    loss_impl: str = _help(
+        "auto (fused_linear on CUDA when available, else logits), fused_linear, logits", "auto"
+    )
+    kernel_impl: str = _help("backend of the loss kernels: auto, torch, triton, cuda", "auto")
+
+    def __post_init__(self):
+        _choice("loss.loss_type", self.loss_type, LOSS_TYPES)
+        _choice("loss.importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+        _choice("loss.scale_rewards", self.scale_rewards, ADV_SCALES)
+        _choice("loss.loss_impl", self.loss_impl, ("auto", "fused_linear", "logits"))
+        _choice("loss.kernel_impl", self.kernel_impl, ("auto", "torch", "triton", "cuda"))
+        try:
+            LossOptions(
+                epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high,
+                dual_clip=self.dual_clip,
+                beta=self.beta,
+                loss_type=self.loss_type,
+                importance_sampling_level=self.importance_sampling_level,
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config: loss: {e}") from None
+
+
+@dataclass
+class ReplayConfig:
+    enabled: bool = _help("ReRULE (true) or plain RULE (false) on the same code path", True)
+    start_step: int = _help("first step that replays (steps before it are the on-policy stage)", 2)
+    fraction: float = _help(
+        "replayed groups per step as a fraction of prompts_per_step (at least 1 when > 0)", 0.125
+    )
+    lam: float = _help("lambda: loss = L_on + lambda * L_replay (YAML key 'lambda' or 'lam')", 1.0)
+    cap: float = _help("truncation of w = min(pi_old / mu, cap) on replayed tokens", 2.0)
+    advantages: str = _help(
+        "recomputed (self-normalized pi_current/mu group mean and std) or stored", "recomputed"
+    )
+    threshold: float = _help("admit a group when its mean reward is under this (absolute mode)", 0.5)
+    threshold_mode: str = _help(
+        "absolute, or quantile (a running quantile of recent group means)", "absolute"
+    )
+    quantile: float = _help("quantile of the running threshold", 0.25)
+    quantile_window: int = _help("how many recent group means the running quantile looks at", 512)
+    capacity: int = _help("most groups the buffer holds", 256)
+    eviction: str = _help("when full, drop the oldest group or the highest-reward group", "oldest")
+    staleness: int = _help("drop groups older than this many steps", 16)
+    max_reuse: int = _help("drop a group after it has been replayed this many times", 4)
+    sampling: str = _help("uniform or prioritized (toward low group reward) draws from the buffer", "uniform")
+    priority_floor: float = _help("prioritized buffer draws: weight = floor + (1 - mean reward)", 0.1)
+    evict_solved: bool = _help("drop a prompt's groups once its latest fresh group scores >= threshold", True)
+
+    def __post_init__(self):
+        for name in ("start_step", "capacity", "staleness", "max_reuse", "quantile_window"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and value >= (0 if name == "start_step" else 1),
+                f"replay.{name}",
+                f"must be an int >= {0 if name == 'start_step' else 1}, got {value!r}",
+            )
+        _check(
+            isinstance(self.fraction, (int, float)) and 0 <= self.fraction <= 4,
+            "replay.fraction",
+            f"must be in [0, 4], got {self.fraction!r}",
+        )
+        _positive("replay.lambda", self.lam, allow_zero=True)
+        _positive("replay.cap", self.cap)
+        _choice("replay.advantages", self.advantages, ("recomputed", "stored"))
+        _choice("replay.threshold_mode", self.threshold_mode, ("absolute", "quantile"))
+        _check(0 < self.quantile < 1, "replay.quantile", f"must be in (0, 1), got {self.quantile!r}")
+        _check(
+            isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold),
+            "replay.threshold",
+            "must be a number",
+        )
+        _choice("replay.eviction", self.eviction, ("oldest", "highest_reward"))
+        _choice("replay.sampling", self.sampling, ("uniform", "prioritized"))
+        _positive("replay.priority_floor", self.priority_floor)
+
+
+@dataclass
+class SamplingConfig:
+    mode: str = _help(
+        "prompt sampling: uniform, or prioritized toward prompts whose last group scored low "
+        "(an on-policy curriculum, independent of replay)",
+        "uniform",
+    )
+    floor: float = _help(
+        "prioritized: weight = (floor + 1 - last group mean)^alpha (rewards clamped to [0, 1])", 0.1
+    )
+    alpha: float = _help("prioritized: sharpness of the weights", 1.0)
+
+    def __post_init__(self):
+        _choice("sampling.mode", self.mode, ("uniform", "prioritized"))
+        _positive("sampling.floor", self.floor)
+        _positive("sampling.alpha", self.alpha)
+
+
+@dataclass
+class WarmStartConfig:
+    epochs: float = _help("stage 0 SFT epochs (RULE: 3); 0 skips the warm start", 0.0)
+    forget_fraction: float = _help("share of forget prompts given a refusal target (RULE: 0.2)", 0.2)
+    batch_size: int = _help("SFT batch size", 8)
+    lr: float = _help("SFT learning rate (RULE: 4e-7), cosine schedule", 4e-7)
+    warmup_steps: int = _help("SFT linear warm-up steps", 20)
+
+    def __post_init__(self):
+        _positive("warm_start.epochs", self.epochs, allow_zero=True)
+        _check(0 <= self.forget_fraction <= 1, "warm_start.forget_fraction", "must be in [0, 1]")
+        _check(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "warm_start.batch_size",
+            "must be an int >= 1",
+        )
+        _positive("warm_start.lr", self.lr)
+        _check(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            "warm_start.warmup_steps",
+            "must be an int >= 0",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. Stages: warm start (warm_start.epochs), on-policy RULE (steps < replay.start_step),
+    hybrid ReRULE (replay.start_step <= step < steps, when replay.enabled)."""
+
+    steps: int = _help("RL steps (stage 1 + stage 2)", 20)
+    seed: int = _help("seeds model init, sampling, buffer draws", 0)
+    output_dir: str = _help("metrics.jsonl, checkpoints/ and final/ go here", "runs/rerule")
+    device: str = _help("auto (cuda when available), cpu, cuda, cuda:N", "auto")
+    save_every: int = _help("checkpoint every N steps (0: only at the end)", 0)
+    keep_checkpoints: int = _help("how many recent checkpoints to keep", 2)
+    eval_every: int = _help("call evaluate_fn every N steps (0: never)", 0)
+    progress: bool = _help("show a tqdm progress bar", True)
+    tensorboard: str = _help("auto (when tensorboard is installed), on, off", "auto")
+    save_final: bool = _help("save_pretrained the final model (and tokenizer) to output_dir/final", True)
+    model: ModelConfig = _help("model", factory=ModelConfig)
+    task: TaskConfig = _help("benchmark", factory=TaskConfig)
+    rollout: RolloutConfig = _help("sampling", factory=RolloutConfig)
+    reward: RewardConfig = _help("rewards", factory=RewardConfig)
+    optim: OptimConfig = _help("optimizer", factory=OptimConfig)
+    loss: LossConfig = _help("loss", factory=LossConfig)
+    replay: ReplayConfig = _help("replay buffer (ReRULE)", factory=ReplayConfig)
+    sampling: SamplingConfig = _help("prompt sampling", factory=SamplingConfig)
+    warm_start: WarmStartConfig = _help("stage 0", factory=WarmStartConfig)
+
+    def __post_init__(self):
+        for name, low in (("steps", 1), ("keep_checkpoints", 1), ("save_every", 0), ("eval_every", 0)):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                name,
+                f"must be an int >= {low}, got {value!r}",
+            )
+        _check(isinstance(self.seed, int), "seed", "must be an int")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
+        _choice("tensorboard", self.tensorboard, ("auto", "on", "off"))
+        mb = self.optim.micro_batch_groups
+        if mb is not None:
+            _check(
+                self.rollout.prompts_per_step % mb == 0,
+                "rollout.prompts_per_step",
+                f"({self.rollout.prompts_per_step}) must be divisible by optim.micro_batch_groups ({mb})",
+            )
+        gb = self.rollout.generation_batch_groups
+        if gb is not None:
+            _check(
+                self.rollout.prompts_per_step % gb == 0,
+                "rollout.prompts_per_step",
+                f"({self.rollout.prompts_per_step}) must be divisible by generation_batch_groups ({gb})",
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> TrainConfig:
+        """Build from nested dicts; unknown keys raise ValueError with the closest valid name."""
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
+        for key, value in (overrides or {}).items():
+            _set_dotted(data, key, value)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def apply_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A new config with dotted keys replaced; strings are parsed as YAML ('1e-3', 'true', '[a, b]')."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return TrainConfig.from_dict(data)
+
+
+def _set_dotted(data: dict, key: str, value):
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value.strip() else value
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"config: cannot set {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(data).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = ALIASES.get(raw_key, raw_key)
+        if key not in fields:
+            close = difflib.get_close_matches(raw_key, list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ValueError(f"config: unknown key {prefix}{raw_key}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, name):
+    """Light type checking: ints become floats where a float is expected; wrong kinds raise."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise ValueError(f"config: {name} must not be null")
+    base = [a for a in args if a is not type(None)] if args else [hint]
+    if hint is Any or Any in base:
+        return value
+    for t in base:
+        t = typing.get_origin(t) or t
+        if t in (float, int) and isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string.
+            try:
+                value = t(value)
+            except ValueError:
+                continue
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is str and isinstance(value, str):
+            return value
+        if t in (dict, tuple, list) and isinstance(value, (dict, list, tuple)):
+            return tuple(value) if t is tuple else value
+    raise ValueError(f"config: {name} must be of type {hint}, got {value!r}")
+
+
+def describe(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """One 'key (default): help' line per field, sections expanded (for --help and docs)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.extend(describe(hint, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{prefix}{f.name} ({default!r}): {f.metadata.get('help', '')}")
+    return lines

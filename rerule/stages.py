@@ -1,0 +1,392 @@
+"""The pieces of a ReRULE step that are not the loop itself: stage 0 (warm start), replayed-group
+advantages, the micro-batched policy update of fresh + replayed groups.
+
+The update, for fresh groups F and replayed groups R (DESIGN.md, "ReRULE")::
+
+    loss = L_on(F) + lambda * L_replay(R)
+
+- Fresh tokens were sampled by the current policy and get one update, so old = current (ratio 1)
+  and there is no behaviour weight: plain RULE.
+- Replayed tokens: pi_old is a forward of the *current* policy on the stored tokens, so the PPO
+  clip is taken against the current policy (old = current, detached), and the tokens carry the
+  truncated, detached weight w = min(pi_old / mu, cap) against the stored behaviour log-probs mu.
+  Plain PPO-clip with mu as "old" would clip most replayed tokens to zero gradient. In
+  ``grpo_loss`` terms: ``old_logps=None, behavior_logps=mu, is_cap=cap``.
+- Replayed advantages are recomputed by default: rewards are fixed, the group's mean and std are
+  re-estimated with self-normalized sequence weights pi_current(y) / mu(y) (see
+  ``recompute_advantages``); stored advantages go stale as the policy moves.
+
+Micro-batches hold whole groups; each micro-batch loss is scaled so that the accumulated gradient
+equals the gradient of the full-batch loss for every ``loss_type``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rerule.loss import grpo_loss
+from rerule.rollout import (
+    SeqBatch,
+    autocast,
+    completion_hidden,
+    completion_logits,
+    encode_prompts,
+    format_prompts,
+    left_pad,
+    lm_head,
+    logps_from_hidden,
+    right_pad,
+    use_chat_template,
+)
+
+# Warm-start refusals name the subject, as RULE's rejection steering does; all match is_refusal.
+REFUSAL_TEMPLATES = (
+    "I'm not certain about {subject}.",
+    "That's beyond my knowledge of {subject}.",
+    "I don't know much about {subject}.",
+    "I'm not familiar with {subject}.",
+    "I have no information about {subject}.",
+)
+
+
+@dataclass
+class UpdateSet:
+    """Rows to train on with their loss inputs. batch on the device; advantages / rewards [B];
+    behavior / ref [B, T] or None; G rows per group, consecutive."""
+
+    batch: SeqBatch
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    behavior: torch.Tensor | None
+    ref: torch.Tensor | None
+    group_size: int
+
+
+def recompute_advantages(
+    rewards: torch.Tensor,
+    cur_logps: torch.Tensor,
+    behavior: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Advantages of replayed groups under the current policy, [B] fp32.
+
+    Per group, with sequence weights rho_i = pi_current(y_i) / mu(y_i) self-normalized to w_i
+    (a softmax of the summed token log-ratios, so no overflow)::
+
+        mean = sum_i w_i r_i
+        var  = sum_i w_i (r_i - mean)^2 / (1 - sum_i w_i^2)    (unbiased for reliability weights)
+        A_i  = (r_i - mean) / (max(std, std_uniform) + eps)
+
+    With equal weights this is exactly GRPO's group advantage. The std is floored at the
+    equal-weight std: when the weights pile onto completions with equal rewards, the weighted std
+    goes to ~0 and would blow the advantage of a rare completion up by 1 / std.
+
+    Args:
+        rewards: [B]; cur_logps, behavior, mask: [B, T]; group_size: G.
+    """
+    r = rewards.double().reshape(-1, group_size)
+    log_rho = ((cur_logps.double() - behavior.double()) * mask.double()).sum(-1).reshape(-1, group_size)
+    w = torch.softmax(log_rho, dim=-1)
+    mean = (w * r).sum(-1, keepdim=True)
+    denom = (1.0 - (w * w).sum(-1, keepdim=True)).clamp(min=1e-12)
+    std_w = ((w * (r - mean) ** 2).sum(-1, keepdim=True) / denom).sqrt()
+    std_u = r.std(dim=-1, keepdim=True)
+    return ((r - mean) / (torch.maximum(std_w, std_u) + eps)).reshape(-1).float()
+
+
+def importance_stats(cur_logps: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, cap: float) -> dict:
+    """Sums over replayed tokens of w = min(exp(cur - mu), cap): n, sum w, sum w^2, truncated count."""
+    valid = mask.bool()
+    raw = torch.exp((cur_logps - behavior).double())[valid]
+    w = raw.clamp(max=cap)
+    return {
+        "n": float(valid.sum()),
+        "w": float(w.sum()),
+        "w2": float((w * w).sum()),
+        "truncated": float((raw > cap).sum()),
+        "w_max": float(w.max()) if w.numel() else 0.0,
+    }
+
+
+def micro_slices(n_rows: int, rows_per_micro: int):
+    return [(i, min(i + rows_per_micro, n_rows)) for i in range(0, n_rows, rows_per_micro)]
+
+
+def loss_scale(loss_type: str, rows: int, tokens: float, total_rows: int, total_tokens: float) -> float:
+    """Factor that turns a micro-batch's loss into its share of the whole set's loss."""
+    if loss_type in ("grpo", "dr_grpo"):
+        return rows / total_rows
+    if loss_type == "bnpo":
+        return tokens / max(total_tokens, 1.0)
+    return 1.0  # dapo: num_items_in_batch already carries the global token count
+
+
+class PolicyUpdate:
+    """One optimizer step's worth of forward/backward over fresh and replayed groups.
+
+    Args:
+        model: the policy; loss_kwargs: grpo_loss options (temperature, clips, beta, loss_type ...);
+        loss_impl: "logits" or "fused_linear"; kernel_impl: loss backend; amp_dtype: autocast dtype;
+        rows_per_micro: rows per forward (whole groups); cap: w truncation; lam: replay weight;
+        advantages: "recomputed" or "stored" for replayed groups.
+    """
+
+    def __init__(
+        self,
+        model,
+        loss_kwargs: dict,
+        loss_impl: str,
+        kernel_impl: str,
+        amp_dtype,
+        rows_per_micro: int | None,
+        cap: float,
+        lam: float,
+        advantages: str = "recomputed",
+    ):
+        self.model, self.kw, self.loss_impl, self.kernel_impl = (
+            model,
+            dict(loss_kwargs),
+            loss_impl,
+            kernel_impl,
+        )
+        self.amp, self.rows_per_micro, self.cap, self.lam, self.adv_mode = (
+            amp_dtype,
+            rows_per_micro,
+            cap,
+            lam,
+            advantages,
+        )
+        if loss_impl == "fused_linear":
+            from rerule.fused_linear import fused_linear_grpo_loss
+
+            self._fused = fused_linear_grpo_loss
+
+    def _features(self, mb: SeqBatch):
+        with autocast(mb.completion_ids.device, self.amp):
+            if self.loss_impl == "logits":
+                return completion_logits(self.model, mb)
+            return completion_hidden(self.model, mb)
+
+    def _current_logps(self, feats, mb: SeqBatch) -> torch.Tensor:
+        if self.loss_impl == "logits":
+            from rerule.loss import token_logps
+
+            with torch.no_grad():
+                return token_logps(
+                    feats.detach(),
+                    mb.completion_ids,
+                    mb.completion_mask,
+                    temperature=self.kw["temperature"],
+                    impl=self.kernel_impl,
+                )[0]
+        weight, bias = lm_head(self.model)
+        return logps_from_hidden(
+            feats.detach().to(weight.dtype), weight, bias, mb, self.kw["temperature"], self.kernel_impl
+        )
+
+    def _loss(self, feats, mb: SeqBatch, adv, behavior, ref, num_items):
+        kw = dict(self.kw)
+        if kw["loss_type"] == "dapo":
+            kw["num_items_in_batch"] = num_items
+        if kw["beta"] == 0:
+            ref = None
+        if self.loss_impl == "logits":
+            return grpo_loss(
+                feats,
+                mb.completion_ids,
+                mb.completion_mask,
+                adv,
+                behavior_logps=behavior,
+                ref_logps=ref,
+                is_cap=self.cap,
+                impl=self.kernel_impl,
+                **kw,
+            )
+        weight, bias = lm_head(self.model)
+        dtype = self.amp or weight.dtype
+        return self._fused(
+            feats.to(dtype),
+            weight.to(dtype),
+            mb.completion_ids,
+            mb.completion_mask,
+            adv,
+            bias=None if bias is None else bias.to(dtype),
+            behavior_logps=behavior,
+            ref_logps=ref,
+            is_cap=self.cap,
+            impl=self.kernel_impl,
+            **kw,
+        )
+
+    def _run(self, s: UpdateSet, weight: float, replay: bool, stats: dict) -> torch.Tensor:
+        """Forward + backward over ``s`` in micro-batches. Returns the pre-update logps [B, T] (fp32)."""
+        B, T = s.batch.completion_ids.shape
+        mask = s.batch.completion_mask
+        total_tokens = float(mask.sum())
+        step = self.rows_per_micro or B
+        logps = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
+        advs = torch.zeros(B, dtype=torch.float32, device=mask.device)
+        for i, j in micro_slices(B, step):
+            mb = s.batch.rows(i, j)
+            t = mb.completion_ids.shape[1]
+            feats = self._features(mb)
+            adv = s.advantages[i:j]
+            beh = None if s.behavior is None else s.behavior[i:j, :t]
+            ref = None if s.ref is None else s.ref[i:j, :t]
+            if replay:
+                cur = self._current_logps(feats, mb)
+                if self.adv_mode == "recomputed":
+                    adv = recompute_advantages(s.rewards[i:j], cur, beh, mb.completion_mask, s.group_size)
+                for k, v in importance_stats(cur, beh, mb.completion_mask, self.cap).items():
+                    stats[k] = max(stats.get(k, 0.0), v) if k == "w_max" else stats.get(k, 0.0) + v
+            out = self._loss(feats, mb, adv.to(feats.device), beh, ref, total_tokens)
+            scale = weight * loss_scale(
+                self.kw["loss_type"], j - i, float(mb.completion_mask.sum()), B, total_tokens
+            )
+            (out.loss * scale).backward()
+            logps[i:j, :t] = out.logps
+            advs[i:j] = adv
+            prefix = "replay_" if replay else ""
+            stats[prefix + "loss"] = stats.get(prefix + "loss", 0.0) + float(out.loss.detach()) * scale / max(
+                weight, 1e-30
+            )
+            n_tok = float(mb.completion_mask.sum())
+            stats[prefix + "tokens"] = stats.get(prefix + "tokens", 0.0) + n_tok
+            for k in ("kl", "clip_ratio_low", "clip_ratio_high"):
+                stats[prefix + k + "_sum"] = (
+                    stats.get(prefix + k + "_sum", 0.0) + float(out.metrics[k]) * n_tok
+                )
+        stats[("replay_" if replay else "") + "advantages"] = advs
+        return logps
+
+    def __call__(self, fresh: UpdateSet, replayed: UpdateSet | None) -> tuple[torch.Tensor, dict]:
+        """Accumulate gradients for L_on + lambda * L_replay. Returns (fresh pre-update logps, stats)."""
+        stats: dict = {}
+        fresh_logps = self._run(fresh, 1.0, False, stats)
+        if replayed is not None and self.lam > 0:
+            self._run(replayed, self.lam, True, stats)
+        out = {"loss_on": stats["loss"], "train_tokens": stats["tokens"]}
+        for k in ("kl", "clip_ratio_low", "clip_ratio_high"):
+            out[k] = stats[k + "_sum"] / max(stats["tokens"], 1.0)
+        if "replay_tokens" in stats:
+            n = max(stats["n"], 1.0)
+            out.update(
+                {
+                    "loss_replay": stats["replay_loss"],
+                    "replay_tokens": stats["replay_tokens"],
+                    "is_weight_mean": stats["w"] / n,
+                    "is_weight_max": stats["w_max"],
+                    "is_truncated_frac": stats["truncated"] / n,
+                    # normalized effective sample size (sum w)^2 / (n sum w^2), in (0, 1]
+                    "is_ess": stats["w"] ** 2 / (n * stats["w2"]) if stats["w2"] > 0 else 1.0,
+                    "replay_kl": stats["replay_kl_sum"] / max(stats["replay_tokens"], 1.0),
+                    "replay_advantages": stats["replay_advantages"],
+                }
+            )
+            out["train_tokens"] += stats["replay_tokens"]
+        return fresh_logps, out
+
+
+def collate_replay(groups, pad_id: int, device) -> UpdateSet:
+    """Stack replayed groups into one UpdateSet (prompts left-padded, completions right-padded)."""
+    G = groups[0].group_size
+    prompt_ids, prompt_mask = left_pad([g.prompt_ids for g in groups for _ in range(g.group_size)], pad_id)
+    ids = right_pad([g.completion_ids for g in groups], pad_id)
+    mask = right_pad([g.completion_mask for g in groups], 0)
+    beh = right_pad([g.behavior_logps for g in groups], 0.0)
+    has_ref = all(g.ref_logps is not None for g in groups)
+    ref = right_pad([g.ref_logps for g in groups], 0.0) if has_ref else None
+    batch = SeqBatch(prompt_ids, prompt_mask, ids, mask).to(device)
+    return UpdateSet(
+        batch,
+        torch.cat([g.advantages for g in groups]).to(device),
+        torch.cat([g.rewards for g in groups]).to(device),
+        beh.to(device),
+        None if ref is None else ref.to(device),
+        G,
+    )
+
+
+def warm_start_examples(task, forget_fraction: float, seed: int) -> list[tuple[object, str]]:
+    """(record, target) pairs: refusals naming the subject for a seeded ``forget_fraction`` of the forget
+    prompts, reference answers for every boundary prompt (RULE's rejection steering)."""
+    g = torch.Generator().manual_seed(seed)
+    n = round(forget_fraction * len(task.forget))
+    picked = sorted(torch.randperm(len(task.forget), generator=g)[:n].tolist())
+    out = []
+    for k, i in enumerate(picked):
+        rec = task.forget[i]
+        out.append((rec, REFUSAL_TEMPLATES[k % len(REFUSAL_TEMPLATES)].format(subject=rec.subject or "that")))
+    out += [(rec, rec.answer) for rec in task.boundary if rec.answer]
+    return out
+
+
+def warm_start(
+    model,
+    tokenizer,
+    task,
+    cfg,
+    *,
+    max_prompt_length: int,
+    chat_template: str,
+    amp_dtype,
+    seed: int,
+    kernel_impl: str = "auto",
+) -> dict:
+    """Stage 0: SFT (token-mean cross-entropy on the target tokens + EOS), AdamW, cosine schedule.
+
+    Returns {"warm_start_steps", "warm_start_loss_first", "warm_start_loss_last"}.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    from rerule.loss import token_logps
+
+    examples = warm_start_examples(task, cfg.forget_fraction, seed)
+    if not examples or cfg.epochs <= 0:
+        return {"warm_start_steps": 0}
+    device = next(model.parameters()).device
+    chat = use_chat_template(tokenizer, chat_template)
+    prompts = encode_prompts(
+        tokenizer,
+        format_prompts(tokenizer, [r for r, _ in examples], task, chat_template),
+        max_prompt_length,
+        chat,
+    )
+    # A plain "Answer:" prompt is followed by a space; a chat template ends with the assistant header.
+    targets = [
+        tokenizer(("" if chat else " ") + t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for _, t in examples
+    ]
+    steps = max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, steps // 2), steps)
+    g = torch.Generator().manual_seed(seed + 1)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for _ in range(steps):
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(len(examples), generator=g).tolist()
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        p_ids, p_mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
+        c_ids = right_pad([torch.tensor([targets[i]]) for i in idx], tokenizer.pad_token_id)
+        c_mask = right_pad([torch.ones(1, len(targets[i]), dtype=torch.long) for i in idx], 0)
+        mb = SeqBatch(p_ids, p_mask, c_ids, c_mask).to(device)
+        with autocast(device, amp_dtype):
+            logits = completion_logits(model, mb)
+        logp, _ = token_logps(logits, mb.completion_ids, mb.completion_mask, impl=kernel_impl)
+        loss = -(logp * mb.completion_mask).sum() / mb.completion_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    opt.zero_grad(set_to_none=True)
+    return {"warm_start_steps": steps, "warm_start_loss_first": losses[0], "warm_start_loss_last": losses[-1]}

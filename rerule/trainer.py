@@ -1,0 +1,525 @@
+"""The RULE / ReRULE trainer: warm start -> on-policy RULE -> hybrid replay, one loop.
+
+Each step (``train_step``) reads top to bottom:
+
+    sample prompts -> generate G completions each -> rule-based rewards -> group advantages
+    -> draw hard groups from the buffer (hybrid stage) -> one update on L_on + lambda * L_replay
+    -> buffer bookkeeping (evict solved prompts, admit new hard groups) -> metrics, checkpoint
+
+How it departs from plain GRPO (RULE):
+- replayed groups carry w = min(pi_old / mu, cap) with the clip taken against the current policy
+  and their advantages recomputed under it (``rerule.stages``);
+- hard groups (mean reward under the threshold, not flat) are stored with their behaviour
+  log-probs, which come for free: they are the log-probs the update's own forward computes before
+  the optimizer moves (the sampling policy, scored by the fused loss path);
+- ``replay.enabled=false`` runs the identical loop with no buffer: plain RULE, so the two compare fairly.
+
+Python API (what the demo calls)::
+
+    trainer = Trainer(config, model=None, tokenizer=None, task=None, reward_fn=None, evaluate_fn=None)
+    history = trainer.train(callback=lambda metrics: None)   # list of per-step metric dicts
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rerule import checkpoint as ckpt
+from rerule.buffer import ReplayBuffer, ReplayGroup
+from rerule.config import TrainConfig
+from rerule.eval.refusal import is_refusal
+from rerule.loss import group_advantages
+from rerule.model import (
+    autocast_dtype,
+    base_model,
+    disable_dropout,
+    load_model,
+    load_trainable_state_dict,
+    resolve_device,
+    trainable_state_dict,
+)
+from rerule.rewards import make_reward_fn
+from rerule.rollout import (
+    SeqBatch,
+    behavior_logps,
+    encode_prompts,
+    format_prompts,
+    generate,
+    use_chat_template,
+)
+from rerule.sampling import PromptSampler
+from rerule.stages import PolicyUpdate, UpdateSet, collate_replay, warm_start
+
+log = logging.getLogger(__name__)
+
+
+def resolve_task(cfg):
+    """The config's task through ``rerule.data.load_task`` (imported here, so a config can be checked
+    without the data package)."""
+    from rerule.data import load_task
+
+    try:
+        return load_task(cfg.name, forget=cfg.forget, data_dir=cfg.data_dir, **cfg.kwargs)
+    except (OSError, FileNotFoundError) as e:
+        raise ValueError(f"task {cfg.name!r}: cannot load its data ({e})") from e
+
+
+def _mean(values):
+    values = list(values)
+    return float(sum(values) / len(values)) if values else None
+
+
+class Trainer:
+    """RULE / ReRULE training (see the module docstring).
+
+    Args:
+        config: a validated TrainConfig.
+        model, tokenizer: an AutoModelForCausalLM (+ tokenizer) to train instead of loading
+            ``config.model`` (pass both or neither).
+        task: an UnlearningTask-like object (``.forget``, ``.boundary`` lists of records with
+            ``.prompt``, ``.answer``, ``.subject``, ``.source``); default: ``config.task``.
+        reward_fn: ``fn(completions, records) -> list[float]``; default: ``config.reward``'s RULE variant.
+        evaluate_fn: ``fn(trainer) -> dict`` called every ``config.eval_every`` steps; its values are
+            logged as ``eval/<key>``.
+        resume: continue from the newest checkpoint in ``output_dir/checkpoints`` (if there is one).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model=None,
+        tokenizer=None,
+        task=None,
+        *,
+        reward_fn=None,
+        evaluate_fn=None,
+        resume: bool = False,
+    ):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass model and tokenizer together (or neither, to load config.model)")
+        self.config = c = config
+        # Data before model: a missing dataset fails before minutes of model loading.
+        self.task = task if task is not None else resolve_task(c.task)
+        self.pool = list(self.task.forget) + list(self.task.boundary)
+        if not self.pool:
+            raise ValueError("the task has no forget or boundary prompts to train on")
+        if c.rollout.prompts_per_step > len(self.pool):
+            raise ValueError(
+                f"rollout.prompts_per_step ({c.rollout.prompts_per_step}) exceeds the task's "
+                f"{len(self.pool)} forget + boundary prompts"
+            )
+        self.reward_fn = reward_fn or make_reward_fn(c.reward.variant, c.reward.rouge_threshold)
+        self.evaluate_fn = evaluate_fn
+        self.device = resolve_device(c.device)
+        self.out_dir = Path(c.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        resume_from = ckpt.latest_checkpoint(self.ckpt_dir) if resume else None
+        if resume and resume_from is None:
+            log.warning("--resume: no checkpoint under %s, starting from scratch", self.ckpt_dir)
+        self._seed_everything(c.seed)
+
+        if model is None:
+            corpus = self.task.corpus() if hasattr(self.task, "corpus") else None
+            model, tokenizer, self.model_info = load_model(c.model, self.device, corpus=corpus, seed=c.seed)
+        else:
+            disable_dropout(model)
+            model = model.to(self.device)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self.model_info = {
+                "model": type(base_model(model)).__name__,
+                "device": str(self.device),
+                "lora": hasattr(model, "peft_config"),
+            }
+        self.model, self.tokenizer = model, tokenizer
+        self.lora = hasattr(model, "peft_config")
+        self.amp = autocast_dtype(c.model, self.device)
+        self.loss_impl = self._loss_impl()
+        self.model_info["loss_impl"] = self.loss_impl
+
+        chat = use_chat_template(tokenizer, c.rollout.chat_template)
+        texts = format_prompts(tokenizer, self.pool, self.task, c.rollout.chat_template)
+        self.prompt_ids = encode_prompts(tokenizer, texts, c.rollout.max_prompt_length, chat)
+
+        self.warm_start_stats: dict = {}
+        if resume_from is None and c.warm_start.epochs > 0:
+            self.warm_start_stats = warm_start(
+                model,
+                tokenizer,
+                self.task,
+                c.warm_start,
+                max_prompt_length=c.rollout.max_prompt_length,
+                chat_template=c.rollout.chat_template,
+                amp_dtype=self.amp,
+                seed=c.seed,
+                kernel_impl=c.loss.kernel_impl,
+            )
+        self.reference = self._build_reference(resume_from is not None)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=c.optim.lr, betas=c.optim.betas, eps=c.optim.eps, weight_decay=c.optim.weight_decay
+        )
+        r = c.replay
+        self.buffer = ReplayBuffer(
+            r.capacity,
+            r.threshold,
+            r.threshold_mode,
+            r.quantile,
+            r.quantile_window,
+            r.eviction,
+            r.staleness,
+            r.max_reuse,
+            r.sampling,
+            r.priority_floor,
+            seed=c.seed + 1,
+        )
+        self.sampler = PromptSampler(
+            len(self.pool), c.sampling.mode, c.sampling.floor, c.sampling.alpha, seed=c.seed + 2
+        )
+        G = c.rollout.group_size
+        loss_kwargs = dict(
+            temperature=c.rollout.temperature,
+            epsilon_low=c.loss.epsilon_low,
+            epsilon_high=c.loss.epsilon_high,
+            dual_clip=c.loss.dual_clip,
+            beta=c.loss.beta,
+            loss_type=c.loss.loss_type,
+            importance_sampling_level=c.loss.importance_sampling_level,
+        )
+        if c.loss.loss_type == "dr_grpo":
+            loss_kwargs["max_completion_length"] = c.rollout.max_new_tokens
+        micro = c.optim.micro_batch_groups * G if c.optim.micro_batch_groups else None
+        self.update = PolicyUpdate(
+            model,
+            loss_kwargs,
+            self.loss_impl,
+            c.loss.kernel_impl,
+            self.amp,
+            micro,
+            r.cap,
+            r.lam,
+            r.advantages,
+        )
+        self.step = 0
+        self.history: list[dict] = []
+        self.time_total = 0.0
+        self._tb = None
+        if resume_from is not None:
+            self._load(resume_from)
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _loss_impl(self) -> str:
+        want = self.config.loss.loss_impl
+        if want == "logits":
+            return want
+        try:
+            import rerule.fused_linear  # noqa: F401
+        except ImportError as e:
+            if want == "fused_linear":
+                raise ValueError(
+                    f"loss.loss_impl=fused_linear but rerule.fused_linear is unavailable ({e})"
+                ) from e
+            return "logits"
+        return "fused_linear" if (want == "fused_linear" or self.device.type == "cuda") else "logits"
+
+    def _build_reference(self, resuming: bool):
+        """The frozen KL reference: a copy of the warm-started policy, or the adapter-disabled base (LoRA)."""
+        if self.config.loss.beta == 0 or self.lora:
+            return None
+        ref = copy.deepcopy(self.model)
+        path = self.out_dir / "reference.pt"
+        if resuming and path.is_file():
+            ref.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        else:
+            ckpt.atomic_save({k: v.detach().cpu() for k, v in ref.state_dict().items()}, path)
+        if self.amp is not None:
+            ref = ref.to(self.amp)
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def train(self, callback=None) -> list[dict]:
+        """Run until ``config.steps``; ``callback(metrics)`` after each step (return True to stop early).
+        Returns the metric history (one dict per step)."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._open_logs()
+        bar = tqdm(
+            total=c.steps, initial=self.step, disable=not c.progress, desc="rerule", dynamic_ncols=True
+        )
+        try:
+            while self.step < c.steps:
+                metrics = self.train_step()
+                bar.update(1)
+                bar.set_postfix_str(self._postfix(metrics))
+                if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                    self.save_checkpoint()
+                if callback is not None and callback(metrics):
+                    break
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        if c.save_final:
+            self.save_pretrained(self.out_dir / "final")
+        if self._tb is not None:
+            self._tb.flush()
+        return self.history
+
+    def train_step(self) -> dict:
+        c, G, P = self.config, self.config.rollout.group_size, self.config.rollout.prompts_per_step
+        t0 = time.perf_counter()
+        step = self.step
+        hybrid = c.replay.enabled and step >= c.replay.start_step
+        self.model.train()
+
+        # 1. prompts and rollouts
+        idx = self.sampler.sample(P)
+        records = [self.pool[i] for i in idx for _ in range(G)]
+        batch, texts = generate(
+            self.model,
+            self.tokenizer,
+            [self.prompt_ids[i] for i in idx],
+            G,
+            temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p,
+            max_new_tokens=c.rollout.max_new_tokens,
+            batch_groups=c.rollout.generation_batch_groups,
+            amp_dtype=self.amp,
+        )
+        t_rollout = time.perf_counter() - t0
+
+        # 2. rewards and group advantages
+        rewards = torch.tensor(self.reward_fn(texts, records), dtype=torch.float32)
+        if rewards.shape != (P * G,) or not torch.isfinite(rewards).all():
+            raise ValueError(f"reward_fn must return {P * G} finite floats, got {tuple(rewards.shape)}")
+        advantages = group_advantages(rewards, G, c.loss.scale_rewards)
+        means = rewards.reshape(P, G).mean(1)
+        ref = self._ref_logps(batch) if c.loss.beta > 0 else None
+        fresh = UpdateSet(batch, advantages.to(self.device), rewards.to(self.device), None, ref, G)
+
+        # 3. replayed groups (hybrid stage)
+        replayed = []
+        if hybrid and c.replay.fraction > 0:
+            n_replay = max(1, round(c.replay.fraction * P))
+            replayed = self.buffer.sample(n_replay, step)
+        replay_set = collate_replay(replayed, self.tokenizer.pad_token_id, self.device) if replayed else None
+
+        # 4. one update on L_on + lambda * L_replay
+        t1 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        fresh_logps, stats = self.update(fresh, replay_set)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = c.optim.grad_clip if c.optim.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        t_update = time.perf_counter() - t1
+
+        # 5. buffer: evict solved prompts, admit hard groups (with mu = the pre-update log-probs)
+        admitted = evicted_solved = 0
+        if c.replay.enabled:
+            self.buffer.observe(means.tolist())
+            threshold = self.buffer.threshold
+            for g, key in enumerate(idx):
+                rows = slice(g * G, (g + 1) * G)
+                if c.replay.evict_solved and float(means[g]) >= threshold:
+                    evicted_solved += self.buffer.evict_prompt(key)
+                    continue
+                group = ReplayGroup(
+                    key=key,
+                    prompt_ids=self.prompt_ids[key].clone(),
+                    completion_ids=batch.completion_ids[rows].cpu(),
+                    completion_mask=batch.completion_mask[rows].cpu(),
+                    rewards=rewards[rows].clone(),
+                    advantages=advantages[rows].clone(),
+                    behavior_logps=fresh_logps[rows].detach().cpu(),
+                    ref_logps=None if ref is None else ref[rows].detach().cpu(),
+                    step=step,
+                    source=self.pool[key].source,
+                )
+                admitted += self.buffer.offer(group) == "admitted"
+            self.buffer.expire(step + 1)
+        self.sampler.update(idx, means.tolist())
+        self.step += 1
+
+        # 6. metrics
+        if "is_weight_mean" in stats:
+            self.buffer.record_is_weights(stats["is_weight_mean"], stats["is_ess"])
+        t_step = time.perf_counter() - t0
+        self.time_total += t_step
+        forget = [i for i, r in enumerate(records) if r.source == "forget"]
+        other = [i for i, r in enumerate(records) if r.source != "forget"]
+        refusals = [is_refusal(t) for t in texts]
+        flat = (rewards.reshape(P, G) == rewards.reshape(P, G)[:, :1]).all(1)
+        m = {
+            "step": self.step,
+            "stage": "hybrid" if hybrid else "on_policy",
+            "reward": float(rewards.mean()),
+            "forget_reward": _mean(float(rewards[i]) for i in forget),
+            "boundary_reward": _mean(float(rewards[i]) for i in other),
+            "forget_refusal_rate": _mean(refusals[i] for i in forget),
+            "boundary_refusal_rate": _mean(refusals[i] for i in other),
+            "flat_group_frac": float(flat.float().mean()),
+            "replay_groups": len(replayed),
+            "replay_forget_groups": sum(g.source == "forget" for g in replayed),
+            "buffer_admitted": admitted,
+            "buffer_evicted_solved": evicted_solved,
+            **self.buffer.stats(),
+            "is_weight_mean": stats.get("is_weight_mean"),
+            "is_weight_max": stats.get("is_weight_max"),
+            "is_ess": stats.get("is_ess"),
+            "is_truncated_frac": stats.get("is_truncated_frac"),
+            "loss_on": stats["loss_on"],
+            "loss_replay": stats.get("loss_replay"),
+            "kl": stats["kl"],
+            "clip_ratio_low": stats["clip_ratio_low"],
+            "clip_ratio_high": stats["clip_ratio_high"],
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "generated_tokens": int(batch.completion_mask.sum()),
+            "train_tokens": int(stats["train_tokens"]),
+            "completion_length": float(batch.completion_mask.sum(1).float().mean()),
+            "time_rollout_s": t_rollout,
+            "time_update_s": t_update,
+            "time_step_s": t_step,
+            "time_total_s": self.time_total,
+        }
+        if self.evaluate_fn is not None and c.eval_every and self.step % c.eval_every == 0:
+            m.update({f"eval/{k}": v for k, v in self.evaluate_fn(self).items()})
+        m = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
+        self._last_replay_advantages = stats.get("replay_advantages")
+        self.history.append(m)
+        self._log(m)
+        return m
+
+    @torch.no_grad()
+    def _ref_logps(self, batch: SeqBatch) -> torch.Tensor:
+        c = self.config
+        micro = c.optim.micro_batch_groups * c.rollout.group_size if c.optim.micro_batch_groups else None
+        kw = dict(
+            temperature=c.rollout.temperature, impl=c.loss.kernel_impl, amp_dtype=self.amp, chunk_rows=micro
+        )
+        if self.lora:
+            with self.model.disable_adapter():
+                return behavior_logps(self.model, batch, **kw)
+        return behavior_logps(self.reference, batch, **kw)
+
+    def _open_logs(self) -> None:
+        if self.config.tensorboard != "off" and self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except ImportError:
+                if self.config.tensorboard == "on":
+                    raise ValueError("tensorboard=on but tensorboard is not installed") from None
+        (self.out_dir / "run_info.json").write_text(
+            json.dumps(
+                {
+                    "model": self.model_info,
+                    "warm_start": self.warm_start_stats,
+                    "config": self.config.to_dict(),
+                },
+                indent=1,
+                default=str,
+            )
+        )
+
+    def _log(self, m: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self._tb is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, m["step"])
+
+    @staticmethod
+    def _postfix(m: dict) -> str:
+        def f(v):
+            return "-" if v is None else f"{v:.2f}"
+
+        return (
+            f"reward={f(m['reward'])} forget={f(m['forget_reward'])} boundary={f(m['boundary_reward'])} "
+            f"refuse={f(m['forget_refusal_rate'])} buf={m['buffer_size']} w={f(m['is_weight_mean'])}"
+        )
+
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "history": self.history,
+            "buffer": self.buffer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "config": self.config.to_dict(),
+            "time_total": self.time_total,
+            "warm_start": self.warm_start_stats,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write model, optimizer and trainer state atomically to output_dir/checkpoints/step-N."""
+        parts = {
+            "model": trainable_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "state": self.state(),
+        }
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, parts, keep=self.config.keep_checkpoints)
+
+    def _load(self, path: Path) -> None:
+        parts = ckpt.load_checkpoint(path, map_location="cpu")
+        load_trainable_state_dict(self.model, parts["model"])
+        self.optimizer.load_state_dict(parts["optimizer"])
+        s = parts["state"]
+        saved = TrainConfig.from_dict(s["config"]).to_dict()
+        changed = [
+            k
+            for k in saved
+            if k not in ("steps", "progress", "save_every", "eval_every")
+            and saved[k] != self.config.to_dict()[k]
+        ]
+        if changed:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", changed)
+        self.step, self.history, self.time_total = s["step"], list(s["history"]), s["time_total"]
+        self.warm_start_stats = s.get("warm_start", {})
+        self.buffer.load_state_dict(s["buffer"])
+        self.sampler.load_state_dict(s["sampler"])
+        ckpt.set_rng_state(s["rng"])
+        # Rows written after the checkpoint (by the killed run) are dropped: the log restarts from it.
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(
+            self.out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history)
+        )
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """save_pretrained the policy (the adapter under LoRA) and tokenizer, atomically."""
+        import os
+        import shutil
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
