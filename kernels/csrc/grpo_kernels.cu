@@ -57,7 +57,7 @@ template <typename T, bool ENT>
 __global__ void __launch_bounds__(1024) grpo_fwd_kernel(const FwdParams P) {
   extern __shared__ uint4 smem_cache[];
   __shared__ Partial red[32];
-  __shared__ float bcast[2];
+  __shared__ RowStats bcast;
   Pack<T>* cache = reinterpret_cast<Pack<T>*>(smem_cache);
   const RerGrpoArgs& a = P.a;
   const int tid = threadIdx.x, nth = blockDim.x;
@@ -75,17 +75,13 @@ __global__ void __launch_bounds__(1024) grpo_fwd_kernel(const FwdParams P) {
     const RowLayout L = row_layout<T>(px, a.V);
     Partial p = sweep1<T, ENT>(px, L, tid, nth, a.inv_tau, cache, P.cache_n, !grad);
     p = block_merge<ENT>(p, red);
-    if (tid == 0) {
-      // read before the barrier below: with dlogits == logits, sweep 2 overwrites x[label]
-      float lse;
-      const float coef = finish_row(a, P.tp, row, b, p, label_x(px, label, a.V, a.inv_tau), &lse);
-      bcast[0] = lse;
-      bcast[1] = coef;
-    }
+    // x[label] is read before the barrier below: with dlogits == logits, sweep 2 overwrites it
+    if (tid == 0) bcast = finish_row(a, P.tp, row, b, p, label_x(px, label, a.V, a.inv_tau));
     if (grad) {
       __syncthreads();
-      sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.inv_tau, bcast[0], bcast[1], label, cache,
-                P.cache_n);
+      const RowStats st = bcast;
+      sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.inv_tau, st.shift, st.log_s, st.coef, label,
+                cache, P.cache_n);
     }
     // red / bcast are rewritten by the next row
     __syncthreads();
@@ -103,7 +99,7 @@ __global__ void __launch_bounds__(1024) grpo_grad_kernel(const RerGrpoGradArgs a
       zero_row<T>(pdx, row_layout<T>(pdx, a.V), tid, nth);
       continue;
     }
-    sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.inv_tau, a.lse[row],
+    sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.inv_tau, a.lse[row], 0.f,
               a.g[row] * a.inv_tau, a.ids[row], nullptr, 0);
   }
 }

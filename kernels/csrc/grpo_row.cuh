@@ -26,12 +26,34 @@
 
 namespace rerule {
 
-// 16 bytes of logits: the unit of every body load and store.
+// 16 bytes of logits (W elements) as four 32-bit words: the unit of every body load and store.
+// Kept as words, not T[W], so that 16-bit types unpack with 32-bit register ops (an array of
+// 16-bit values made the compiler spill in the hot loop).
 template <typename T>
 struct alignas(16) Pack {
   static constexpr int W = 16 / sizeof(T);
-  T v[W];
+  uint32_t w[4];
 };
+
+RER_HD float bits_f(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+RER_HD uint32_t f_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
 
 RER_HD float to_f(float x) { return x; }
 RER_HD float to_f(__half x) { return __half2float(x); }
@@ -45,6 +67,50 @@ template <>
 RER_HD __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <>
 RER_HD __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// y[k] = float(element k) * scale; element 2i is the low half of word i (little endian).
+RER_HD void unpack(const Pack<float>& p, float (&y)[4], float scale) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) y[i] = bits_f(p.w[i]) * scale;
+}
+RER_HD void unpack(const Pack<__nv_bfloat16>& p, float (&y)[8], float scale) {
+  // bf16 is the top half of an fp32: exact, as __bfloat162float
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    y[2 * i] = bits_f(p.w[i] << 16) * scale;
+    y[2 * i + 1] = bits_f(p.w[i] & 0xffff0000u) * scale;
+  }
+}
+RER_HD void unpack(const Pack<__half>& p, float (&y)[8], float scale) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    memcpy(static_cast<void*>(&h), &p.w[i], 4);
+    const float2 f = __half22float2(h);
+    y[2 * i] = f.x * scale;
+    y[2 * i + 1] = f.y * scale;
+  }
+}
+
+// Round d to T (round to nearest even, as Triton's .to()) into a pack.
+RER_HD void pack(const float (&d)[4], Pack<float>& p) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p.w[i] = f_bits(d[i]);
+}
+RER_HD void pack(const float (&d)[8], Pack<__nv_bfloat16>& p) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(d[2 * i], d[2 * i + 1]);
+    memcpy(&p.w[i], static_cast<const void*>(&h), 4);
+  }
+}
+RER_HD void pack(const float (&d)[8], Pack<__half>& p) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2 h = __floats2half2_rn(d[2 * i], d[2 * i + 1]);
+    memcpy(&p.w[i], static_cast<const void*>(&h), 4);
+  }
+}
 
 RER_HD float neg_inf() { return -INFINITY; }
 
@@ -64,11 +130,11 @@ RER_HD Pack<T> load_pack(const T* p, bool last_use) {
   Pack<T> r;
 #ifdef __CUDA_ARCH__
   const uint4* q = reinterpret_cast<const uint4*>(p);
-  uint4 u = last_use ? __ldcs(q) : *q;
-  memcpy(&r, &u, 16);
+  const uint4 u = last_use ? __ldcs(q) : *q;
+  r.w[0] = u.x, r.w[1] = u.y, r.w[2] = u.z, r.w[3] = u.w;
 #else
   (void)last_use;
-  memcpy(&r, p, 16);
+  memcpy(r.w, static_cast<const void*>(p), 16);
 #endif
   return r;
 }
@@ -77,11 +143,9 @@ RER_HD Pack<T> load_pack(const T* p, bool last_use) {
 template <typename T>
 RER_HD void store_pack(T* p, const Pack<T>& v) {
 #ifdef __CUDA_ARCH__
-  uint4 u;
-  memcpy(&u, &v, 16);
-  __stcs(reinterpret_cast<uint4*>(p), u);
+  __stcs(reinterpret_cast<uint4*>(p), make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]));
 #else
-  memcpy(p, &v, 16);
+  memcpy(static_cast<void*>(p), v.w, 16);
 #endif
 }
 
@@ -179,8 +243,7 @@ RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float i
       if (j < L.nvec) {
         if (j < cache_n) cache[j] = pk[u];
         float y[W];
-#pragma unroll
-        for (int k = 0; k < W; ++k) y[k] = to_f(pk[u].v[k]) * inv_tau;
+        unpack(pk[u], y, inv_tau);
         partial_add<W, ENT>(P, y);
       }
     }
@@ -192,9 +255,12 @@ RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float i
   return P;
 }
 
-// d = coef * (onehot - p), written as Triton writes it: coef - p * coef on the label, -p * coef elsewhere.
-RER_HD float grad_elem(float x_raw, int64_t e, int64_t label, float inv_tau, float lse, float coef) {
-  const float p = fast_exp(x_raw * inv_tau - lse);
+// d = coef * (onehot - p), written as Triton writes it: coef - p * coef on the label, -p * coef
+// elsewhere; y = x / tau and p = exp((y - shift) - log_s) with shift + log_s = lse. The fused
+// kernel passes shift = the row max: y - max is exact where it matters, while lse itself is
+// rounded to the ulp of the max (5e-4 at |x| ~ 1e4), which would show in every p of the row.
+RER_HD float grad_elem(float y, int64_t e, int64_t label, float shift, float log_s, float coef) {
+  const float p = fast_exp((y - shift) - log_s);
   return e == label ? coef - p * coef : -p * coef;
 }
 
@@ -202,12 +268,12 @@ RER_HD float grad_elem(float x_raw, int64_t e, int64_t label, float inv_tau, flo
 // loaded most recently in sweep 1, is re-read while it is most likely still in L2.
 template <typename T>
 RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int tid, int nth, float inv_tau,
-                   float lse, float coef, int64_t label, const Pack<T>* cache, int64_t cache_n) {
+                   float shift, float log_s, float coef, int64_t label, const Pack<T>* cache, int64_t cache_n) {
   constexpr int W = Pack<T>::W;
   constexpr int U = 4;
   if (tid < L.tail) {
     const int64_t e = L.head + L.nvec * W + tid;
-    pdx[e] = from_f<T>(grad_elem(to_f(px[e]), e, label, inv_tau, lse, coef));
+    pdx[e] = from_f<T>(grad_elem(to_f(px[e]) * inv_tau, e, label, shift, log_s, coef));
   }
   if (tid < L.nvec) {
     const T* body = px + L.head;
@@ -225,31 +291,32 @@ RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int 
         if (k0 - u < 0) continue;
         const int64_t j = tid + (k0 - u) * nth;
         const int64_t e0 = L.head + j * W;
-        Pack<T> out;
+        float d[W];
+        unpack(pk[u], d, inv_tau);
 #pragma unroll
-        for (int k = 0; k < W; ++k) out.v[k] = from_f<T>(grad_elem(to_f(pk[u].v[k]), e0 + k, label, inv_tau, lse, coef));
+        for (int k = 0; k < W; ++k) d[k] = grad_elem(d[k], e0 + k, label, shift, log_s, coef);
         if (vec_store) {
+          Pack<T> out;
+          pack(d, out);
           store_pack(dbody + j * W, out);
         } else {
 #pragma unroll
-          for (int k = 0; k < W; ++k) pdx[e0 + k] = out.v[k];
+          for (int k = 0; k < W; ++k) pdx[e0 + k] = from_f<T>(d[k]);
         }
       }
     }
   }
-  if (tid < L.head) pdx[tid] = from_f<T>(grad_elem(to_f(px[tid]), tid, label, inv_tau, lse, coef));
+  if (tid < L.head) pdx[tid] = from_f<T>(grad_elem(to_f(px[tid]) * inv_tau, tid, label, shift, log_s, coef));
 }
 
 // One thread's share of a zero gradient row (masked rows); L is the layout of pdx itself.
 template <typename T>
 RER_HD void zero_row(T* pdx, const RowLayout& L, int tid, int nth) {
   constexpr int W = Pack<T>::W;
-  Pack<T> z;
-#pragma unroll
-  for (int k = 0; k < W; ++k) z.v[k] = from_f<T>(0.f);
-  if (tid < L.head) pdx[tid] = z.v[0];
+  const Pack<T> z{{0u, 0u, 0u, 0u}};  // +0 in every dtype
+  if (tid < L.head) pdx[tid] = from_f<T>(0.f);
   for (int64_t j = tid; j < L.nvec; j += nth) store_pack(pdx + L.head + j * W, z);
-  if (tid < L.tail) pdx[L.head + L.nvec * W + tid] = z.v[0];
+  if (tid < L.tail) pdx[L.head + L.nvec * W + tid] = from_f<T>(0.f);
 }
 
 struct TokenParams {
@@ -299,25 +366,28 @@ inline TokenParams token_params(const RerGrpoArgs& a) {
   return TokenParams{a.clip_lo, a.clip_hi, a.delta, a.dual_clip, a.beta, a.is_cap, a.has_delta != 0, a.has_dual != 0};
 }
 
+struct RowStats {
+  float shift, log_s;  // lse = shift + log_s, shift = the row max (0 while it is -inf)
+  float coef;          // gradient scale rw * dloss/dlogp / tau
+};
+
 // Thread 0's work on an unmasked row once the partials are merged: writes logp / lse / entropy /
-// loss_tok and returns the gradient scale coef = rw * dloss/dlogp / tau (*lse_out = lse).
-RER_HD float finish_row(const RerGrpoArgs& a, const TokenParams& tp, int64_t row, int64_t b, const Partial& P,
-                        float x_label, float* lse_out) {
-  const float m_safe = P.m == neg_inf() ? 0.f : P.m;
-  const float log_s = logf(P.s);
-  const float lse = m_safe + log_s;
-  const float logp = x_label - lse;
+// loss_tok. logp = (x_label - max) - log s, not x_label - lse: no rounding of lse at |x| ~ 1e4.
+RER_HD RowStats finish_row(const RerGrpoArgs& a, const TokenParams& tp, int64_t row, int64_t b, const Partial& P,
+                           float x_label) {
+  RowStats st{P.m == neg_inf() ? 0.f : P.m, logf(P.s), 0.f};
+  const float logp = (x_label - st.shift) - st.log_s;
   a.logp[row] = logp;
-  a.lse[row] = lse;
-  if (a.return_entropy) a.entropy[row] = log_s - P.t / P.s;
-  *lse_out = lse;
-  if (!a.fused_loss) return 0.f;
+  a.lse[row] = st.shift + st.log_s;
+  if (a.return_entropy) a.entropy[row] = st.log_s - P.t / P.s;
+  if (!a.fused_loss) return st;
   const float old = a.old_logp ? a.old_logp[row] : logp;
   const bool has_ref = a.ref_logp != nullptr;
   const TokenTerms tt = token_terms(logp, a.adv[b], old, a.beh_logp != nullptr, a.beh_logp ? a.beh_logp[row] : 0.f,
                                     has_ref, has_ref ? a.ref_logp[row] : 0.f, tp);
   a.loss_tok[row] = tt.loss;
-  return a.rw[row] * tt.dl * a.inv_tau;
+  st.coef = a.rw[row] * tt.dl * a.inv_tau;
+  return st;
 }
 
 RER_HD void finish_masked_row(const RerGrpoArgs& a, int64_t row) {

@@ -1,0 +1,334 @@
+"""CUDA backend (impl="cuda") on a machine without a GPU.
+
+* the CMake build of kernels/csrc compiles and links with the local nvcc, and exports exactly the
+  C API (skipped only when nvcc is absent);
+* the ctypes structs of kernels/cuda_grpo.py match rerule_grpo.h field for field (gcc);
+* import never loads the library; CPU tensors and a missing library are clear errors;
+* the kernels' row algorithm (kernels/csrc/grpo_row.cuh), replayed thread by thread on the CPU by
+  the host emulator (grpo_emu.cu) and driven through the same ctypes marshalling, matches the fp64
+  spec through ``grpo_loss(..., impl="cuda")``: options, awkward and misaligned shapes, masks,
+  extreme logits, bf16/fp16, in place, the shared-memory cache on, off and partial.
+
+What only a GPU can check (bench/cuda_check.py, bench/cuda_memcheck.sh): the device-only
+branches (__ldcs/__stcs/__expf), the block reduction and barriers, and the launches.
+"""
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import rerule.kernels.cuda_grpo as cuda_grpo
+import torch
+
+from rerule import grpo_loss, token_logps
+from tests._grpo_cases import make_inputs, reference, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ROOT / "kernels" / "csrc" / "rerule_grpo.h"
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile the CUDA sources")
+API = {"grpo_fwd", "grpo_grad", "cuda_abi_version", "grpo_args_size", "grpo_grad_args_size",
+       "cuda_error_string", "cuda_last_message"}
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Configure and build librerule_cuda.so and the host emulator with CMake (sm_90 only, to keep
+    the test short; users get 80;90). Returns the folder holding both libraries."""
+    build = tmp_path_factory.mktemp("cuda-build")
+    lib_dir = build / "lib"
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build), "-DRERULE_BUILD_CUDA=ON",
+                 "-DRERULE_CUDA_HOST_EMU=ON", "-DCMAKE_CUDA_ARCHITECTURES=90",
+                 f"-DCMAKE_CUDA_COMPILER={NVCC}", f"-DRERULE_CUDA_LIB_DIR={lib_dir}"]
+    for cmd in (configure, ["cmake", "--build", str(build), "-j2"]):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return lib_dir
+
+
+@pytest.fixture
+def emulated(built, monkeypatch):
+    """impl="cuda" runs on CPU tensors through the host emulator; outputs start as NaN."""
+    lib = cuda_grpo.Library(built / "librerule_cuda_emu.so", prefix="rerule_emu_", device_type="cpu")
+    monkeypatch.setattr(cuda_grpo, "_LIB", lib)
+    poison = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(cuda_grpo, "_empty", poison)
+    for name in ("RERULE_CUDA_THREADS", "RERULE_CUDA_CACHE_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+# ------------------------------------------------------------------ build, ABI, errors
+
+
+@needs_nvcc
+def test_cmake_build_exports_exactly_the_c_api(built):
+    for name, prefix in (("librerule_cuda.so", "rerule_"), ("librerule_cuda_emu.so", "rerule_emu_")):
+        nm = ["nm", "-D", "--defined-only", str(built / name)]
+        out = subprocess.run(nm, capture_output=True, text=True, check=True).stdout
+        symbols = {line.split()[-1] for line in out.splitlines() if line.strip()}
+        # nothing else: the static CUDA runtime stays private (see kernels/csrc/rerule_cuda.map)
+        assert symbols == {prefix + s for s in API}, name
+    readelf = ["readelf", "-d", str(built / "librerule_cuda.so")]
+    needed = subprocess.run(readelf, capture_output=True, text=True, check=True).stdout
+    assert "libcudart" not in needed  # static runtime: only the driver is needed at run time
+
+
+@needs_nvcc
+def test_built_library_loads_checks_abi_and_rejects_bad_arguments(built):
+    lib = cuda_grpo.Library(built / "librerule_cuda.so")  # checks ABI version and both struct sizes
+    args = cuda_grpo.GrpoArgs(B=2, T=3, V=10, dtype=7, inv_tau=1.0)
+    # rejected before any CUDA call, so this is safe with or without a GPU
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        lib.check(lib.fwd(ctypes.byref(args), None), "rerule_grpo_fwd")
+    gargs = cuda_grpo.GrpoGradArgs(B=1, T=1, V=10, dtype=2, inv_tau=float("inf"))
+    with pytest.raises(RuntimeError, match="inv_tau"):
+        lib.check(lib.grad(ctypes.byref(gargs), None), "rerule_grpo_grad")
+    empty = cuda_grpo.GrpoArgs(B=0, T=5, V=10, dtype=2, inv_tau=1.0)
+    assert lib.fwd(ctypes.byref(empty), None) == 0  # nothing to do: no launch, no device needed
+    if not torch.cuda.is_available():
+        # well-formed arguments reach the CUDA runtime, which finds no device and says so
+        x = torch.zeros(1, 1, 8)
+        ids, mask = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.int32)
+        from rerule.kernels.options import LossOptions
+
+        lib_cpu = cuda_grpo.Library(built / "librerule_cuda.so", device_type="cpu")
+        a, _, _keep = cuda_grpo.fwd_args(lib_cpu, x, ids, mask, None, None, None, None, None, LossOptions(),
+                                         False, False, False, False)
+        code = lib.fwd(ctypes.byref(a), None)
+        assert code not in (0, 1)
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            lib.check(code, "rerule_grpo_fwd")
+
+
+def _header_fields(struct: str) -> list[str]:
+    body = re.search(rf"typedef struct {struct} \{{(.*?)\}} {struct};", HEADER.read_text(), re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    names = []
+    for decl in body.split(";"):
+        decl = decl.strip()
+        if decl:
+            # "const float* a" / "int64_t B, T, V"
+            first, *rest = [p.strip() for p in decl.split(",")]
+            names += [first.replace("*", " ").split()[-1]] + rest
+    return names
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not on PATH")
+@pytest.mark.parametrize("struct,cls", [("RerGrpoArgs", cuda_grpo.GrpoArgs),
+                                        ("RerGrpoGradArgs", cuda_grpo.GrpoGradArgs)])
+def test_ctypes_structs_match_the_header(struct, cls, tmp_path):
+    names = [f[0] for f in cls._fields_]
+    assert names == _header_fields(struct)  # same fields, same order
+    prog = tmp_path / "layout.c"
+    lines = [f'printf("%zu %zu\\n", offsetof({struct}, {n}), sizeof(((({struct}*)0)->{n})));' for n in names]
+    prog.write_text(
+        f'#include <stddef.h>\n#include <stdio.h>\n#include "{HEADER}"\n'
+        f"int main(void) {{ printf(\"%zu\\n\", sizeof({struct}));\n" + "\n".join(lines) + "\nreturn 0; }\n"
+    )
+    exe = tmp_path / "layout"
+    subprocess.run(["gcc", "-std=c99", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert int(out[0]) == ctypes.sizeof(cls)
+    for name, line in zip(names, out[1:]):
+        offset, size = map(int, line.split())
+        assert (offset, size) == (getattr(cls, name).offset, getattr(cls, name).size), name
+
+
+def test_import_never_loads_the_library(tmp_path):
+    code = ("import rerule, rerule.kernels.cuda_grpo as c, rerule.kernels.grpo_loss as g; "
+            "g.backend_module('cuda'); assert c._LIB is None; print('ok')")
+    env = dict(os.environ, RERULE_CUDA_LIB=str(tmp_path / "missing.so"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_missing_or_broken_library_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(cuda_grpo, "_LIB", None)
+    monkeypatch.setenv("RERULE_CUDA_LIB", str(tmp_path / "missing.so"))
+    hint = r"cmake -S \. -B build -DRERULE_BUILD_CUDA=ON && cmake --build build"
+    with pytest.raises(RuntimeError, match=hint):
+        cuda_grpo.get_library()
+    bad = tmp_path / "broken.so"
+    bad.write_text("not a library")
+    monkeypatch.setenv("RERULE_CUDA_LIB", str(bad))
+    with pytest.raises(RuntimeError, match="could not load.*RERULE_BUILD_CUDA=1 pip install -e"):
+        cuda_grpo.get_library()
+    monkeypatch.delenv("RERULE_CUDA_LIB")
+    assert cuda_grpo.library_path() == ROOT / "kernels" / "lib" / "librerule_cuda.so"
+
+
+def test_cpu_tensors_are_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cuda_grpo, "_LIB", None)
+    inputs = make_inputs(2, 3, 11, seed=1)
+    with pytest.raises(ValueError, match="impl='cuda' needs CUDA tensors"):
+        grpo_loss(**inputs, impl="cuda")
+    with pytest.raises(ValueError, match="impl='cuda' needs CUDA tensors"):
+        token_logps(inputs["logits"], inputs["completion_ids"], impl="cuda")
+
+
+# ------------------------------------------------------------------ the row algorithm, emulated
+
+CASES = [
+    ("plain", dict(), dict(old=False, behavior=False, ref=False)),
+    ("all-beta", dict(beta=0.04), {}),
+    ("bnpo-delta", dict(loss_type="bnpo", delta=1.1, beta=0.1, is_cap=1.5), {}),
+    ("dr_grpo-dual-temp", dict(loss_type="dr_grpo", dual_clip=1.5, temperature=0.7), {}),
+    # r == 1 exactly with a zero-width clip range and delta = 1: every tie convention at once
+    ("ties", dict(epsilon_low=0.0, epsilon_high=0.0, delta=1.0, beta=0.1), dict(old=False)),
+    ("seq-level", dict(importance_sampling_level="sequence", beta=0.05, dual_clip=1.2), {}),
+]
+
+
+def _run(inputs, inplace=False, **opts):
+    x = inputs["logits"].clone().requires_grad_()
+    kw = {k: v for k, v in inputs.items() if k != "logits"}
+    out = grpo_loss(x, **kw, **opts, impl="cuda", inplace=inplace, return_entropy=True)
+    out.loss.backward()
+    return out, x.grad
+
+
+def _check(out, grad, ref, tol=TOL):
+    loss_r, logp_r, ent_r, _, grad_r = ref
+    assert torch.isfinite(grad).all()
+    assert rel_err(out.loss.detach().reshape(1), loss_r.reshape(1)) < tol
+    assert rel_err(out.logps, logp_r) < tol
+    assert rel_err(out.entropy, ent_r) < tol
+    assert rel_err(grad, grad_r) < tol
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name,opts,which", CASES, ids=[c[0] for c in CASES])
+def test_emulated_kernels_match_reference(name, opts, which, emulated):
+    # V = 1007 fp32: rows start at every offset mod 16 bytes (head, body and tail all used);
+    # 32 threads: each owns several chunks, so the 4-deep load loop wraps
+    emulated.setenv("RERULE_CUDA_THREADS", "32")
+    inputs = make_inputs(3, 7, 1007, seed=len(name), **which)
+    _check(*_run(inputs, **opts), reference(inputs, **opts))
+
+
+SHAPES = [(1, 1, 1), (1, 1, 5), (2, 3, 2), (1, 63, 33), (2, 2, 4099)]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}-T{t}-V{v}" for b, t, v in SHAPES])
+def test_emulated_awkward_shapes(shape, emulated):
+    inputs = make_inputs(*shape, seed=sum(shape), mask_p=0.2)
+    inputs["completion_mask"][0, 0] = 1
+    opts = dict(beta=0.05, dual_clip=2.0)
+    _check(*_run(inputs, **opts), reference(inputs, **opts))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("cache", ["0", "1600", "-1"], ids=["cache-off", "cache-partial", "cache-auto"])
+def test_emulated_cache_modes_agree_bitwise(cache, emulated):
+    """The shared-memory row cache changes where sweep 2 reads x, never the result."""
+    inputs = make_inputs(2, 5, 1007, seed=2)
+    emulated.setenv("RERULE_CUDA_THREADS", "64")
+    base, gbase = _run(inputs, beta=0.1)
+    emulated.setenv("RERULE_CUDA_CACHE_BYTES", cache)
+    out, grad = _run(inputs, beta=0.1)
+    assert torch.equal(grad, gbase) and torch.equal(out.logps, base.logps)
+    assert torch.equal(out.loss, base.loss)
+    _check(out, grad, reference(inputs, beta=0.1))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_emulated_misaligned_views(inplace, emulated):
+    """TRL's logits[:, :-1] and a view starting one element into the vocab: x and dx rows sit at
+    different offsets mod 16 bytes, so the gradient takes the scalar-store path (or, in place, the
+    vector path with the same misalignment)."""
+    inputs = make_inputs(2, 5, 301, seed=10)
+    ref = reference(inputs, beta=0.1)
+    kw = {k: v for k, v in inputs.items() if k != "logits"}
+    full = torch.cat([torch.randn(2, 5, 1), inputs["logits"]], dim=2)  # [2, 5, 302]
+    full = torch.cat([full, torch.randn(2, 1, 302)], dim=1)  # [2, 6, 302]
+    xf = full.clone().requires_grad_()
+    view = xf[:, :-1, 1:] if not inplace else xf.detach().clone()[:, :-1, 1:].requires_grad_()
+    out = grpo_loss(view, **kw, beta=0.1, impl="cuda", inplace=inplace)
+    (3.0 * out.loss).backward()
+    grad = xf.grad[:, :-1, 1:] if not inplace else view.grad
+    assert rel_err(grad, 3.0 * ref[4]) < TOL
+    if not inplace:
+        assert (xf.grad[:, -1] == 0).all() and (xf.grad[:, :, 0] == 0).all()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_emulated_masked_rows_extreme_logits_and_inplace(level, emulated):
+    def edit(x, ids):
+        # the label inside the 1e4 block: a logp near -1e4 could not be held to TOL in fp32 at all
+        x[0, 0, :500] = 1e4
+        ids[0, 0] = 3
+        x[0, 1, :] = -1e4
+        x[1, :, 700:] = float("-inf")
+        ids[1] %= 700
+
+    inputs = make_inputs(3, 5, 1007, seed=6, edit=edit)
+    inputs["completion_mask"][0, :2] = 1
+    inputs["completion_mask"][2] = 0
+    inputs["logits"][2] = float("nan")  # padding may hold anything
+    opts = dict(beta=0.1, importance_sampling_level=level)
+    ref = reference(dict(inputs, logits=inputs["logits"].nan_to_num(0.0)), **opts)
+    for inplace in (False, True):
+        out, grad = _run(inputs, inplace=inplace, **opts)
+        _check(out, grad, ref)
+        assert (grad[2] == 0).all() and (out.logps[2] == 0).all() and (out.entropy[2] == 0).all()
+    inputs["completion_mask"].zero_()
+    out, grad = _run(inputs, **opts)
+    assert out.loss.item() == 0.0 and (grad == 0).all()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_emulated_low_precision_tolerance_rule(dtype, emulated):
+    """|ours - ref_fp64| <= 2 |eager_lowp - ref_fp64| + floor (STYLE.md), logps and gradient."""
+    inputs = make_inputs(2, 6, 1007, seed=9, dtype=dtype)
+    mask = inputs["completion_mask"].bool()
+    loss_r, logp_r, _, _, grad_r = reference(inputs, beta=0.05)
+    out, grad = _run(inputs, beta=0.05)
+    assert grad.dtype == dtype
+    xe = inputs["logits"].clone().requires_grad_()
+    lp = torch.log_softmax(xe, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    eager_err = (lp.double() - logp_r)[mask].abs().max().item()
+    assert (out.logps.double() - logp_r)[mask].abs().max().item() <= 2 * eager_err + 1e-6
+    assert rel_err(out.loss.detach().reshape(1), loss_r.reshape(1)) < 1e-4
+    # one rounding of each gradient element to the logits dtype: half an ulp relative, or half the
+    # subnormal spacing (fp16 gradients of ~1e-6 are subnormal); a full one allows for the fp32 math
+    fi = torch.finfo(dtype)
+    assert ((grad.double() - grad_r).abs() <= fi.eps * grad_r.abs() + fi.eps * fi.smallest_normal).all()
+
+
+@needs_nvcc
+def test_emulated_token_logps_forward_and_grad_kernel(emulated):
+    inputs = make_inputs(2, 9, 515, seed=4)
+    x, ids, mask = inputs["logits"], inputs["completion_ids"], inputs["completion_mask"]
+    xr = x.double().requires_grad_()
+    lp_r = torch.log_softmax(xr / 1.3, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+    g = torch.randn(2, 9, dtype=torch.float64)
+    (lp_r * g).sum().backward()
+    xc = x.clone().requires_grad_()
+    lp, ent = token_logps(xc, ids, mask, temperature=1.3, return_entropy=True, impl="cuda")
+    (lp * g.float()).sum().backward()
+    assert rel_err(lp, lp_r.detach()) < TOL and rel_err(xc.grad, xr.grad) < TOL
+    assert ent is not None and torch.isfinite(ent).all()
+
+
+@needs_nvcc
+def test_emulated_out_of_range_id_gives_nan_not_a_read(emulated):
+    """The C side never reads outside a row, even for an id the Python checks would reject."""
+    from rerule.kernels.options import LossOptions
+
+    x = torch.randn(1, 2, 16)
+    ids = torch.tensor([[3, 16]])
+    mask = torch.ones(1, 2, dtype=torch.int32)
+    logp, lse, _, _, _ = cuda_grpo.grpo_fwd(x, ids, mask, None, None, None, None, None, LossOptions(),
+                                             False, False, False, False)
+    assert torch.isfinite(logp[0, 0]) and torch.isnan(logp[0, 1]) and torch.isfinite(lse).all()
