@@ -5,7 +5,8 @@ Layout under ``<output_dir>/checkpoints``::
     step-000010/          one complete checkpoint (the directory appears only when all of it is on disk)
         model.pt          trainable weights (the adapter under LoRA, the full state dict otherwise)
         optimizer.pt      AdamW state
-        state.pt          step, buffer, prompt sampler, RNG states, metric history, config, wall time
+        state.pt          step, buffer, prompt sampler, the trainer's torch RNG states, metric history,
+                          config, wall time
     latest                name of the newest complete checkpoint
 
 A checkpoint is first written as ``step-000010.tmp-<pid>/`` and renamed when complete (a directory
@@ -17,12 +18,10 @@ from a killed writer are ignored and cleaned up by the next save.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -65,28 +64,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def rng_state() -> dict:
-    """Python, NumPy, torch CPU and CUDA generator states (NumPy's as tensors, so weights_only loads it)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(root: str | Path, step: int, parts: dict, keep: int = 2) -> Path:

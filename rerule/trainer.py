@@ -22,15 +22,14 @@ Python API (what the demo calls)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rerule import checkpoint as ckpt
@@ -127,7 +126,6 @@ class Trainer:
         resume_from = ckpt.latest_checkpoint(self.ckpt_dir) if resume else None
         if resume and resume_from is None:
             log.warning("--resume: no checkpoint under %s, starting from scratch", self.ckpt_dir)
-        self._seed_everything(c.seed)
 
         if model is None:
             corpus = self.task.corpus() if hasattr(self.task, "corpus") else None
@@ -213,16 +211,29 @@ class Trainer:
             r.advantages,
         )
         self.step = 0
+        self._rng: dict | None = None
         self.history: list[dict] = []
         self.time_total = 0.0
         self._tb = None
         if resume_from is not None:
             self._load(resume_from)
 
-    def _seed_everything(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+    @contextlib.contextmanager
+    def _rng_scope(self):
+        """Run with the trainer's own torch RNG (generate samples from the global one), so two trainers
+        in one process (the demo's arms) do not perturb each other and a checkpoint restores it exactly."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self._rng is None:
+                torch.manual_seed(self.config.seed)
+            else:
+                torch.set_rng_state(self._rng["cpu"])
+                if devices:
+                    torch.cuda.set_rng_state(self._rng["cuda"], self.device)
+            yield
+            self._rng = {"cpu": torch.get_rng_state()}
+            if devices:
+                self._rng["cuda"] = torch.cuda.get_rng_state(self.device)
 
     def _loss_impl(self) -> str:
         want = self.config.loss.loss_impl
@@ -285,6 +296,11 @@ class Trainer:
         return self.history
 
     def train_step(self) -> dict:
+        """One RL step (see the module docstring); returns its metrics."""
+        with self._rng_scope():
+            return self._train_step()
+
+    def _train_step(self) -> dict:
         c, G, P = self.config, self.config.rollout.group_size, self.config.rollout.prompts_per_step
         t0 = time.perf_counter()
         step = self.step
@@ -468,7 +484,7 @@ class Trainer:
             "history": self.history,
             "buffer": self.buffer.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": self._rng,
             "config": self.config.to_dict(),
             "time_total": self.time_total,
             "warm_start": self.warm_start_stats,
@@ -501,7 +517,7 @@ class Trainer:
         self.warm_start_stats = s.get("warm_start", {})
         self.buffer.load_state_dict(s["buffer"])
         self.sampler.load_state_dict(s["sampler"])
-        ckpt.set_rng_state(s["rng"])
+        self._rng = s["rng"]
         # Rows written after the checkpoint (by the killed run) are dropped: the log restarts from it.
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(

@@ -1,0 +1,7 @@
+"""``python -m rerule ...`` is the ``rerule`` command."""
+
+import sys
+
+from rerule.cli import main
+
+sys.exit(main())
