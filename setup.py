@@ -6,7 +6,6 @@ a default install never runs a compiler.
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -19,10 +18,8 @@ class BuildPyWithCuda(build_py):
     def run(self):
         if os.environ.get("RERULE_BUILD_CUDA") == "1":
             build_dir = ROOT / "build"
-            subprocess.check_call(
-                ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DRERULE_BUILD_CUDA=ON",
-                 f"-DPython_EXECUTABLE={sys.executable}"]
-            )
+            # writes kernels/lib/librerule_cuda.so (RERULE_CUDA_LIB_DIR), which package_data then ships
+            subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DRERULE_BUILD_CUDA=ON"])
             subprocess.check_call(["cmake", "--build", str(build_dir), "-j"])
         super().run()
 

@@ -233,9 +233,12 @@ def copy_bandwidth_GBps(nbytes: int) -> float:
 
 
 TIMING_SHAPES = [(4, 1024, 32000), (8, 1024, 32000), (8, 1024, 128256), (8, 1024, 151936), (16, 1024, 151936)]
-# cuda: the shared-memory row cache as much as fits (1 block/SM at large V), off, and ~110 KB (2 blocks/SM)
+# cuda: the shared-memory row cache as large as fits (at large V one 1024-thread block per SM), off,
+# and ~110 KB with 512 threads (two blocks per SM: one row's barriers hide behind the other's loads;
+# 64 registers per thread allow 1024 threads per SM either way)
 VARIANTS = [("cuda", {"RERULE_CUDA_CACHE_BYTES": "-1"}), ("cuda", {"RERULE_CUDA_CACHE_BYTES": "0"}),
-            ("cuda", {"RERULE_CUDA_CACHE_BYTES": str(110 * 1024)}), ("triton", {})]
+            ("cuda", {"RERULE_CUDA_CACHE_BYTES": str(110 * 1024), "RERULE_CUDA_THREADS": "512"}),
+            ("triton", {})]
 
 
 def _time_with_env(call, env: dict, reps: int) -> float:

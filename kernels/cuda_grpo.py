@@ -97,9 +97,18 @@ class Library:
     def check(self, code: int, what: str) -> None:
         if code != 0:
             # code 1 (cudaErrorInvalidValue) from our own argument checks comes with the reason
-            detail = self.last_message().decode() if code == 1 else ""
+            detail = self.last_message().decode() if code == 1 else _HINTS.get(code, "")
             msg = f"{what} failed with CUDA error {code} ({self.error_string(code).decode()})"
             raise RuntimeError(msg + (f": {detail}" if detail else ""))
+
+
+# The two build mismatches a user can fix (cudaErrorInsufficientDriver, cudaErrorNoKernelImageForDevice).
+_HINTS = {
+    35: f"{LIB_NAME} links the CUDA runtime of the toolkit that built it, which is newer than this driver "
+        f"supports: rebuild it with an older CUDA toolkit, or update the driver; {BUILD_HINT}",
+    209: f"{LIB_NAME} has no code for this GPU: rebuild it with -DCMAKE_CUDA_ARCHITECTURES=<this card's sm, "
+         f"e.g. 90>; {BUILD_HINT}",
+}
 
 
 _LIB: Library | None = None
