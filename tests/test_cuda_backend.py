@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import rerule.kernels.cuda_grpo as cuda_grpo
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rerule import grpo_loss, token_logps
 from tests._grpo_cases import make_inputs, reference, rel_err
@@ -332,3 +334,37 @@ def test_emulated_out_of_range_id_gives_nan_not_a_read(emulated):
     logp, lse, _, _, _ = cuda_grpo.grpo_fwd(x, ids, mask, None, None, None, None, None, LossOptions(),
                                              False, False, False, False)
     assert torch.isfinite(logp[0, 0]) and torch.isnan(logp[0, 1]) and torch.isfinite(lse).all()
+
+
+@needs_nvcc
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 300)),
+    offset=st.integers(0, 3),
+    threads=st.sampled_from(["32", "64", "96", "0"]),
+    cache=st.sampled_from(["-1", "0", "16", "48", "160"]),
+    opts=st.fixed_dictionaries({
+        "delta": st.sampled_from([None, 1.1]), "dual_clip": st.sampled_from([None, 1.5]),
+        "beta": st.sampled_from([0.0, 0.1]), "temperature": st.sampled_from([1.0, 0.7]),
+        "importance_sampling_level": st.sampled_from(["token", "sequence"]),
+        "loss_type": st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo"]),
+    }),
+    seed=st.integers(0, 1000),
+)
+def test_emulated_property_alignment_threads_cache_options(shape, offset, threads, cache, opts, seed,
+                                                           emulated):
+    """Any row offset mod 16 bytes x any thread count x any cache size x any option set."""
+    emulated.setenv("RERULE_CUDA_THREADS", threads)
+    emulated.setenv("RERULE_CUDA_CACHE_BYTES", cache)
+    inputs = make_inputs(*shape, seed=seed)
+    ref = reference(inputs, **opts)
+    B, T, V = shape
+    # the vocab view starts `offset` elements into a wider buffer: every row alignment occurs
+    full = torch.randn(B, T, V + offset)
+    full[:, :, offset:] = inputs["logits"]
+    xf = full.requires_grad_()
+    kw = {k: v for k, v in inputs.items() if k != "logits"}
+    out = grpo_loss(xf[:, :, offset:], **kw, **opts, impl="cuda", return_entropy=True)
+    out.loss.backward()
+    _check(out, xf.grad[:, :, offset:], ref)
+    assert (xf.grad[:, :, :offset] == 0).all()
