@@ -143,7 +143,8 @@ def assert_parity(tr, inputs):
     native = run(tr, lambda m, i: GRPOTrainer._compute_loss(tr, m, i), inputs)
     ours = run(tr, tr._compute_loss, inputs)
     torch.testing.assert_close(ours[0], native[0], rtol=2e-5, atol=1e-7)
-    assert set(ours[1]) == set(native[1]) and len(native[1]) == len(list(tr.model.parameters()))
+    assert set(ours[1]) == set(native[1])
+    assert len(native[1]) == sum(p.requires_grad for p in tr.model.parameters())
     for name, g in native[1].items():
         torch.testing.assert_close(
             ours[1][name],
@@ -217,6 +218,45 @@ def test_parity_eval_mode(trainer, setattrs):
         assert_parity(trainer, make_inputs(trainer, seed=5))
     finally:
         trainer.model.train()
+
+
+def _fresh_trainer(model_dir, tmp_path, **kw):
+    extra = {k: kw.pop(k) for k in ("peft_config",) if k in kw}
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    args = config(output_dir=str(tmp_path), **kw)
+    tr = FusedGRPOTrainer(model=model_dir, reward_funcs=random_reward, args=args, processing_class=tok,
+                          train_dataset=dataset(), **extra)
+    tr.current_gradient_accumulation_steps = 1
+    tr.model.train()
+    return tr
+
+
+def test_parity_peft_lora(model_dir, tmp_path):
+    """With LoRA the head hook sits on the wrapped base model; only adapter weights get gradients."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    tr = _fresh_trainer(model_dir, tmp_path, loss_type="dapo", beta=0.05, peft_config=lora)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter active so A gets a gradient too
+        for name, p in tr.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    native = assert_parity(tr, make_inputs(tr, seed=11))
+    assert native[1] and all("lora" in n for n in native[1])
+
+
+def test_bf16_model_close_to_native(model_dir, tmp_path):
+    """In bf16 TRL's log-probs are bf16 and ours fp32: equal up to bf16 rounding, not bitwise."""
+    tr = _fresh_trainer(model_dir, tmp_path, loss_type="grpo", bf16=True,
+                        model_init_kwargs={"dtype": "bfloat16"})
+    assert tr.model.dtype == torch.bfloat16
+    inputs = make_inputs(tr, seed=12)
+    native = run(tr, lambda m, i: GRPOTrainer._compute_loss(tr, m, i), inputs)
+    ours = run(tr, tr._compute_loss, inputs)
+    torch.testing.assert_close(ours[0].float(), native[0].float(), rtol=2e-2, atol=1e-3)
+    for name, g in native[1].items():
+        scale = g.float().abs().max().item()
+        torch.testing.assert_close(ours[1][name].float(), g.float(), rtol=0, atol=0.05 * scale + 1e-6)
 
 
 def test_unsupported_configurations_raise(trainer, setattrs):
