@@ -42,7 +42,15 @@ import types
 import torch
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
+from trl.trainer.utils import nanmax, nanmin
+
+try:  # TRL >= 1.16 (DeepSpeed ZeRO-3 gathering of the lm head for fused losses)
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+except ImportError:  # pragma: no cover - older TRL
+    from contextlib import nullcontext as _nullcontext
+
+    def maybe_gather_lm_head_ctx(*params):
+        return _nullcontext()
 
 from rerule import fused_linear_grpo_loss
 
@@ -125,18 +133,20 @@ class FusedGRPOTrainer(GRPOTrainer):
         self._check_supported({})
 
     def _check_supported(self, inputs) -> None:
+        # getattr defaults: attributes that older TRL releases do not have mean the feature is off.
+        opt = lambda name, default: getattr(self, name, default)
         unsupported = []
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
             unsupported.append(f"loss_type={self.loss_type!r} (supported: {SUPPORTED_LOSS_TYPES})")
-        if self.top_entropy_quantile < 1.0:
+        if opt("top_entropy_quantile", 1.0) < 1.0:
             unsupported.append("top_entropy_quantile < 1")
-        if self.off_policy_mask_threshold is not None:
+        if opt("off_policy_mask_threshold", None) is not None:
             unsupported.append("off_policy_mask_threshold")
-        if self._entropy_bonus_enabled:
+        if opt("_entropy_bonus_enabled", False):
             unsupported.append("entropy_coef / use_adaptive_entropy")
-        if self.aux_loss_enabled:
+        if opt("aux_loss_enabled", False):
             unsupported.append("the MoE router aux loss")
-        if self.beta != 0.0 and self.args.use_bias_correction_kl:
+        if self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False):
             unsupported.append("beta > 0 with use_bias_correction_kl=True (set use_bias_correction_kl=False)")
         if any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS):
             unsupported.append("multimodal inputs")
