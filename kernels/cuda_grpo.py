@@ -147,7 +147,10 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
-    return int(value) if value else default
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {value!r}") from None
 
 
 def _wrong_device(logits: torch.Tensor) -> ValueError:

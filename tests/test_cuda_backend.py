@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import rerule.kernels.cuda_grpo as cuda_grpo
 import torch
+from filelock import FileLock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,16 +43,27 @@ TOL = 2e-5
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Configure and build librerule_cuda.so and the host emulator with CMake (sm_90 only, to keep
-    the test short; users get 80;90). Returns the folder holding both libraries."""
-    build = tmp_path_factory.mktemp("cuda-build")
+    the test short; users get 80;90). Returns the folder holding both libraries.
+
+    Once per session: under pytest-xdist the workers share one build (a file lock), not one each."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, shared by its workers
+    build = root / "cuda-build"
     lib_dir = build / "lib"
+    with FileLock(str(root / "cuda-build.lock")):
+        if not (lib_dir / "librerule_cuda_emu.so").is_file():
+            _cmake_build(build, lib_dir)
+    return lib_dir
+
+
+def _cmake_build(build: Path, lib_dir: Path) -> None:
     configure = ["cmake", "-S", str(ROOT), "-B", str(build), "-DRERULE_BUILD_CUDA=ON",
                  "-DRERULE_CUDA_HOST_EMU=ON", "-DCMAKE_CUDA_ARCHITECTURES=90",
                  f"-DCMAKE_CUDA_COMPILER={NVCC}", f"-DRERULE_CUDA_LIB_DIR={lib_dir}"]
     for cmd in (configure, ["cmake", "--build", str(build), "-j2"]):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
-    return lib_dir
 
 
 @pytest.fixture
