@@ -28,8 +28,8 @@ def _config(out: str, steps: int):
     from rerule.config import TrainConfig
 
     return TrainConfig.from_dict({
-        "steps": steps, "seed": 3, "output_dir": out, "progress": False, "save_final": False, "tensorboard": "off",
-        "save_every": 1, "keep_checkpoints": 3,
+        "steps": steps, "seed": 3, "output_dir": out, "progress": False, "save_final": False,
+        "tensorboard": "off", "save_every": 1, "keep_checkpoints": 3,
         "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 4},
         "optim": {"lr": 1e-2}, "loss": {"beta": 0.05},
         "warm_start": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "warmup_steps": 0},
