@@ -1,6 +1,6 @@
 """Peak CPU memory (RSS) of one fwd+bwd of the GRPO loss from hidden states, one path per process.
 
-    python bench/memory_fused_linear.py {eager,fused,liger} [--B 8 --T 512 --H 512 --V 32000]
+    python bench/memory_fused_linear.py {eager,fused,liger} [--B 4 --T 1024 --H 512 --V 32000]
 
 Prints one JSON line: {"mode", "peak_above_inputs_mb", "seconds", "loss", ...}. The number is the
 process's high-water mark (VmHWM) during fwd+bwd minus its resident size (VmRSS) right before,
@@ -76,7 +76,7 @@ def run_path(mode, hidden, weight, ids, mask, adv, loss_type="grpo"):
     return float(loss)
 
 
-def measure(mode, B=8, T=512, H=512, V=32000, threads=1):
+def measure(mode, B=4, T=1024, H=512, V=32000, threads=1):
     torch.set_num_threads(threads)
     # warm-up at a tiny size: imports, kernels and allocator pools are not part of the loss's peak
     run_path(mode, *make_inputs(2, 4, 8, 64, seed=1))
@@ -101,8 +101,8 @@ def measure(mode, B=8, T=512, H=512, V=32000, threads=1):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=("eager", "fused", "liger"))
-    p.add_argument("--B", type=int, default=8)
-    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--T", type=int, default=1024)
     p.add_argument("--H", type=int, default=512)
     p.add_argument("--V", type=int, default=32000)
     p.add_argument("--threads", type=int, default=1)

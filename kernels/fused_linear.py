@@ -261,10 +261,13 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ids, mask, adv, rw, old, beh, ref, o: LossOptions, impl, grad_enabled,
                 return_entropy, chunk_rows, tile):
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
-        loss, logp, ent, gh, gw, gb = fused_linear_grpo_forward(
-            hidden, weight, bias, ids, mask, adv, rw, old, beh, ref, o, impl, need_h, need_w, need_b,
-            return_entropy, chunk_rows, tile,
-        )
+        # An ambient autocast (trainers run the model under one) would turn the fp32 GEMMs into bf16
+        # ones and round the logits; the precision here is chosen explicitly, so autocast is off.
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, logp, ent, gh, gw, gb = fused_linear_grpo_forward(
+                hidden, weight, bias, ids, mask, adv, rw, old, beh, ref, o, impl, need_h, need_w, need_b,
+                return_entropy, chunk_rows, tile,
+            )
         ctx.save_for_backward(gh, gw, gb)
         ctx.consumed = False
         outs = (loss, logp, ent if ent is not None else logp.new_empty(0))

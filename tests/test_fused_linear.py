@@ -199,6 +199,16 @@ def test_frozen_weight_no_bias_and_shifted_hidden():
     assert abs(out.loss.item() - ref[0].item()) <= 2e-5 * abs(ref[0].item())
 
 
+def test_ambient_autocast_does_not_round_the_logits():
+    case = make_case(B=2, T=6, H=24, V=301, seed=2)
+    up = torch.tensor(1.0)
+    plain, plain_grads = ours(case, up, chunk_size=4, beta=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, auto_grads = ours(case, up, chunk_size=4, beta=0.1)
+    assert torch.equal(plain.loss, auto.loss) and torch.equal(plain.logps, auto.logps)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, auto_grads))
+
+
 def test_rewards_and_group_size_and_backward_once():
     case = make_case(B=4, T=5, H=12, V=40)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
