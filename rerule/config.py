@@ -49,15 +49,19 @@ def _check(cond: bool, name: str, message: str):
 
 def _positive(name: str, value, allow_zero: bool = False):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    _check(
-        ok and (value >= 0 if allow_zero else value > 0),
-        name,
-        f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}",
-    )
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    _check(ok, name, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def _choice(name: str, value, choices):
     _check(value in choices, name, f"must be one of {tuple(choices)}, got {value!r}")
+
+
+def _int(name: str, value, low: int, optional: bool = False):
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    _check(ok, name, f"must be {'None or ' if optional else ''}an int >= {low}, got {value!r}")
 
 
 @dataclass
@@ -70,34 +74,15 @@ class TinyModelConfig:
     num_heads: int = _help("attention heads", 4)
     num_kv_heads: int = _help("key/value heads (GQA)", 2)
     max_position_embeddings: int = _help("longest prompt + completion", 512)
-    tokenizer: str = _help(
-        "'char' (printable ASCII, one token per character) or 'bpe' (trained on the task)", "char"
-    )
+    tokenizer: str = _help("'char' (printable ASCII, 1 token/char) or 'bpe' (trained on the task)", "char")
     bpe_vocab_size: int = _help("vocab size of the trained BPE tokenizer", 512)
 
     def __post_init__(self):
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "max_position_embeddings",
-            "bpe_vocab_size",
-        ):
-            _check(
-                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                f"model.tiny.{name}",
-                "must be an int > 0",
-            )
-        _check(
-            self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "must be divisible by num_heads"
-        )
-        _check(
-            self.num_heads % self.num_kv_heads == 0,
-            "model.tiny.num_heads",
-            "must be divisible by num_kv_heads",
-        )
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings", "bpe_vocab_size"):  # fmt: skip
+            _int(f"model.tiny.{name}", getattr(self, name), 1)
+        _check(self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "must divide by num_heads")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.tiny.num_heads", "must divide by num_kv_heads")
         _choice("model.tiny.tokenizer", self.tokenizer, ("char", "bpe"))
 
 
@@ -112,7 +97,7 @@ class LoraConfig:
     target_modules: Any = _help("PEFT target_modules: 'all-linear' or a list of module names", "all-linear")
 
     def __post_init__(self):
-        _check(isinstance(self.r, int) and self.r > 0, "model.lora.r", f"must be an int > 0, got {self.r!r}")
+        _int("model.lora.r", self.r, 1)
         _positive("model.lora.alpha", self.alpha)
         _check(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout!r}")
 
@@ -120,41 +105,24 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = _help("Hugging Face id or local path of an AutoModelForCausalLM, or 'tiny'", "tiny")
-    tokenizer: str | None = _help(
-        "tokenizer id/path (default: name_or_path; 'tiny' uses model.tiny.tokenizer)", None
-    )
+    tokenizer: str | None = _help("tokenizer id/path (default: name_or_path; tiny: tiny.tokenizer)", None)
     tiny: TinyModelConfig = _help("shape of the tiny Llama (name_or_path: tiny)", factory=TinyModelConfig)
-    dtype: str = _help(
-        "parameter dtype: auto (fp32 master weights; bf16 frozen base under LoRA on GPU), "
-        "float32, bfloat16, float16",
-        "auto",
-    )
-    autocast: str = _help(
-        "autocast dtype for forwards: auto (bf16 on CUDA, off on CPU), bfloat16, float16, none", "auto"
-    )
-    attn_implementation: str = _help(
-        "auto (flash_attention_2 when installed on CUDA, else sdpa), sdpa, eager, flash_attention_2", "auto"
-    )
-    liger: str = _help(
-        "Liger model kernels (RMSNorm, SwiGLU, RoPE) on CUDA: auto (when installed), on, off", "auto"
-    )
+    dtype: str = _help("parameters: auto (fp32 master weights; bf16 base under LoRA on CUDA), float32, "
+                       "bfloat16, float16", "auto")  # fmt: skip
+    autocast: str = _help("autocast: auto (bf16 on CUDA, off on CPU), bfloat16, float16, none", "auto")
+    attn_implementation: str = _help("auto (flash_attention_2 when installed and usable, else sdpa), sdpa, "
+                                     "eager, flash_attention_2", "auto")  # fmt: skip
+    liger: str = _help("Liger's RMSNorm/SwiGLU/RoPE kernels on CUDA: auto (if installed), on, off", "auto")
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
     trust_remote_code: bool = _help("passed to from_pretrained", False)
     lora: LoraConfig = _help("LoRA settings", factory=LoraConfig)
 
     def __post_init__(self):
-        _check(
-            isinstance(self.name_or_path, str) and self.name_or_path != "",
-            "model.name_or_path",
-            "must be a non-empty str",
-        )
+        _check(isinstance(self.name_or_path, str) and self.name_or_path, "model.name_or_path", "is empty")
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("model.autocast", self.autocast, ("auto", "bfloat16", "float16", "none"))
-        _choice(
-            "model.attn_implementation",
-            self.attn_implementation,
-            ("auto", "sdpa", "eager", "flash_attention_2"),
-        )
+        attn = ("auto", "sdpa", "eager", "flash_attention_2")
+        _choice("model.attn_implementation", self.attn_implementation, attn)
         _choice("model.liger", self.liger, ("auto", "on", "off"))
 
 
@@ -162,74 +130,45 @@ class ModelConfig:
 class TaskConfig:
     name: str = _help(f"benchmark, one of {TASKS} (resolved by rerule.data.load_task)", "synthetic")
     forget: str | None = _help("forget split: TOFU forget01/05/10, MUSE books/news", None)
-    data_dir: str | None = _help(
-        "local directory with the benchmark files (None: the Hugging Face hub)", None
-    )
+    data_dir: str | None = _help("local directory of the benchmark's files (None: the hub)", None)
     kwargs: dict = _help("extra loader arguments, e.g. {hardness: 0.8, seed: 0} for synthetic", factory=dict)
 
     def __post_init__(self):
         _choice("task.name", self.name, TASKS)
         _check(isinstance(self.kwargs, dict), "task.kwargs", "must be a mapping")
         if self.data_dir is not None:
-            _check(
-                Path(self.data_dir).is_dir(),
-                "task.data_dir",
-                f"{self.data_dir!r} does not exist (missing data: fetch it, or drop data_dir for the hub)",
-            )
+            msg = f"{self.data_dir!r} does not exist (missing data: fetch it, or drop data_dir)"
+            _check(Path(self.data_dir).is_dir(), "task.data_dir", msg)
 
 
 @dataclass
 class RolloutConfig:
     group_size: int = _help("completions per prompt (G); advantages are normalized within a group", 8)
-    prompts_per_step: int = _help(
-        "fresh prompts sampled per step (the batch is prompts_per_step * group_size)", 32
-    )
+    prompts_per_step: int = _help("fresh prompts per step (the batch is prompts_per_step * group_size)", 32)
     temperature: float = _help("sampling temperature; the loss uses the same tau", 1.0)
-    top_p: float = _help(
-        "nucleus sampling; < 1 makes the sampler differ from the policy the loss assumes", 1.0
-    )
+    top_p: float = _help("nucleus sampling; < 1 makes the sampler differ from the policy in the loss", 1.0)
     max_new_tokens: int = _help("longest completion", 64)
     max_prompt_length: int = _help("prompts are cut from the left to this many tokens", 512)
     chat_template: str = _help("auto (use the tokenizer's chat template when it has one), on, off", "auto")
     generation_batch_groups: int | None = _help("groups per generate call (None: all at once)", None)
 
     def __post_init__(self):
-        _check(
-            isinstance(self.group_size, int) and self.group_size >= 2,
-            "rollout.group_size",
-            f"must be an int >= 2 (a group of one has zero advantage), got {self.group_size!r}",
-        )
-        _check(
-            isinstance(self.prompts_per_step, int) and self.prompts_per_step >= 1,
-            "rollout.prompts_per_step",
-            f"must be an int >= 1, got {self.prompts_per_step!r}",
-        )
+        if not (isinstance(self.group_size, int) and self.group_size >= 2):
+            raise ValueError(f"config: rollout.group_size must be an int >= 2 (a group of one has zero "
+                             f"advantage), got {self.group_size!r}")  # fmt: skip
+        _int("rollout.prompts_per_step", self.prompts_per_step, 1)
         _positive("rollout.temperature", self.temperature)
         _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p!r}")
-        for name in ("max_new_tokens", "max_prompt_length"):
-            _check(
-                isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-                f"rollout.{name}",
-                "must be an int >= 1",
-            )
+        _int("rollout.max_new_tokens", self.max_new_tokens, 1)
+        _int("rollout.max_prompt_length", self.max_prompt_length, 1)
         _choice("rollout.chat_template", self.chat_template, ("auto", "on", "off"))
-        if self.generation_batch_groups is not None:
-            _check(
-                isinstance(self.generation_batch_groups, int) and self.generation_batch_groups >= 1,
-                "rollout.generation_batch_groups",
-                "must be None or an int >= 1",
-            )
+        _int("rollout.generation_batch_groups", self.generation_batch_groups, 1, optional=True)
 
 
 @dataclass
 class RewardConfig:
-    variant: str = _help(
-        "RULE reward: two_stage (MUSE), two_stage_target (RWKU), forget, forget_abs (REFERENCE.md's table)",
-        "two_stage",
-    )
-    rouge_threshold: float | None = _help(
-        "ROUGE-L recall threshold on boundary prompts (None: the variant's own, 0.3 or 0.5)", None
-    )
+    variant: str = _help("two_stage (MUSE), two_stage_target (RWKU), forget, forget_abs", "two_stage")
+    rouge_threshold: float | None = _help("boundary ROUGE-L recall threshold (None: 0.3 / 0.5)", None)
 
     def __post_init__(self):
         _choice("reward.variant", self.variant, REWARD_VARIANTS)
@@ -244,28 +183,18 @@ class OptimConfig:
     betas: tuple = _help("AdamW betas", (0.9, 0.999))
     eps: float = _help("AdamW eps", 1e-8)
     grad_clip: float | None = _help("max global grad norm (None: no clipping)", 1.0)
-    micro_batch_groups: int | None = _help(
-        "groups per forward/backward (gradient accumulation; None: all)", None
-    )
+    micro_batch_groups: int | None = _help("groups per forward/backward (grad accumulation; None: all)", None)
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.eps", self.eps)
         self.betas = tuple(self.betas)
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "optim.betas",
-            "must be two numbers in [0, 1)",
-        )
+        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        _check(ok, "optim.betas", "must be 2 numbers in [0, 1)")
         if self.grad_clip is not None:
             _positive("optim.grad_clip", self.grad_clip)
-        if self.micro_batch_groups is not None:
-            _check(
-                isinstance(self.micro_batch_groups, int) and self.micro_batch_groups >= 1,
-                "optim.micro_batch_groups",
-                f"must be None or an int >= 1, got {self.micro_batch_groups!r}",
-            )
+        _int("optim.micro_batch_groups", self.micro_batch_groups, 1, optional=True)
 
 
 @dataclass
@@ -277,9 +206,7 @@ class LossConfig:
     loss_type: str = _help(f"normalizer, one of {LOSS_TYPES} (TRL's definitions)", "grpo")
     importance_sampling_level: str = _help("token or sequence (GSPO) ratio", "token")
     scale_rewards: str = _help(f"advantage scale, one of {ADV_SCALES}", "group")
-    loss_impl: str = _help(
-        "auto (fused_linear on CUDA when available, else logits), fused_linear, logits", "auto"
-    )
+    loss_impl: str = _help("auto (fused_linear on CUDA, else logits), fused_linear, logits", "auto")
     kernel_impl: str = _help("backend of the loss kernels: auto, torch, triton, cuda", "auto")
 
     def __post_init__(self):
@@ -289,14 +216,9 @@ class LossConfig:
         _choice("loss.loss_impl", self.loss_impl, ("auto", "fused_linear", "logits"))
         _choice("loss.kernel_impl", self.kernel_impl, ("auto", "torch", "triton", "cuda"))
         try:
-            LossOptions(
-                epsilon_low=self.epsilon_low,
-                epsilon_high=self.epsilon_high,
-                dual_clip=self.dual_clip,
-                beta=self.beta,
-                loss_type=self.loss_type,
-                importance_sampling_level=self.importance_sampling_level,
-            )
+            LossOptions(epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
+                        dual_clip=self.dual_clip, loss_type=self.loss_type,
+                        importance_sampling_level=self.importance_sampling_level)  # fmt: skip
         except (TypeError, ValueError) as e:
             raise ValueError(f"config: loss: {e}") from None
 
@@ -305,18 +227,12 @@ class LossConfig:
 class ReplayConfig:
     enabled: bool = _help("ReRULE (true) or plain RULE (false) on the same code path", True)
     start_step: int = _help("first step that replays (steps before it are the on-policy stage)", 2)
-    fraction: float = _help(
-        "replayed groups per step as a fraction of prompts_per_step (at least 1 when > 0)", 0.125
-    )
+    fraction: float = _help("replayed groups per step / prompts_per_step (at least 1 group when > 0)", 0.125)
     lam: float = _help("lambda: loss = L_on + lambda * L_replay (YAML key 'lambda' or 'lam')", 1.0)
     cap: float = _help("truncation of w = min(pi_old / mu, cap) on replayed tokens", 2.0)
-    advantages: str = _help(
-        "recomputed (self-normalized pi_current/mu group mean and std) or stored", "recomputed"
-    )
+    advantages: str = _help("recomputed (self-normalized pi_current/mu mean, std) or stored", "recomputed")
     threshold: float = _help("admit a group when its mean reward is under this (absolute mode)", 0.5)
-    threshold_mode: str = _help(
-        "absolute, or quantile (a running quantile of recent group means)", "absolute"
-    )
+    threshold_mode: str = _help("absolute, or quantile (running quantile of recent group means)", "absolute")
     quantile: float = _help("quantile of the running threshold", 0.25)
     quantile_window: int = _help("how many recent group means the running quantile looks at", 512)
     capacity: int = _help("most groups the buffer holds", 256)
@@ -328,30 +244,17 @@ class ReplayConfig:
     evict_solved: bool = _help("drop a prompt's groups once its latest fresh group scores >= threshold", True)
 
     def __post_init__(self):
-        for name in ("start_step", "capacity", "staleness", "max_reuse", "quantile_window"):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int)
-                and not isinstance(value, bool)
-                and value >= (0 if name == "start_step" else 1),
-                f"replay.{name}",
-                f"must be an int >= {0 if name == 'start_step' else 1}, got {value!r}",
-            )
-        _check(
-            isinstance(self.fraction, (int, float)) and 0 <= self.fraction <= 4,
-            "replay.fraction",
-            f"must be in [0, 4], got {self.fraction!r}",
-        )
+        _int("replay.start_step", self.start_step, 0)
+        for name in ("capacity", "staleness", "max_reuse", "quantile_window"):
+            _int(f"replay.{name}", getattr(self, name), 1)
+        ok = isinstance(self.fraction, (int, float)) and 0 <= self.fraction <= 4
+        _check(ok, "replay.fraction", f"must be in [0, 4], got {self.fraction!r}")
         _positive("replay.lambda", self.lam, allow_zero=True)
         _positive("replay.cap", self.cap)
         _choice("replay.advantages", self.advantages, ("recomputed", "stored"))
         _choice("replay.threshold_mode", self.threshold_mode, ("absolute", "quantile"))
         _check(0 < self.quantile < 1, "replay.quantile", f"must be in (0, 1), got {self.quantile!r}")
-        _check(
-            isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold),
-            "replay.threshold",
-            "must be a number",
-        )
+        _check(math.isfinite(self.threshold), "replay.threshold", "must be a finite number")
         _choice("replay.eviction", self.eviction, ("oldest", "highest_reward"))
         _choice("replay.sampling", self.sampling, ("uniform", "prioritized"))
         _positive("replay.priority_floor", self.priority_floor)
@@ -359,14 +262,9 @@ class ReplayConfig:
 
 @dataclass
 class SamplingConfig:
-    mode: str = _help(
-        "prompt sampling: uniform, or prioritized toward prompts whose last group scored low "
-        "(an on-policy curriculum, independent of replay)",
-        "uniform",
-    )
-    floor: float = _help(
-        "prioritized: weight = (floor + 1 - last group mean)^alpha (rewards clamped to [0, 1])", 0.1
-    )
+    mode: str = _help("prompt sampling: uniform, or prioritized toward prompts whose last group scored low "
+                      "(an on-policy curriculum, independent of replay)", "uniform")  # fmt: skip
+    floor: float = _help("prioritized: weight = (floor + 1 - last group mean)^alpha (rewards in [0, 1])", 0.1)
     alpha: float = _help("prioritized: sharpness of the weights", 1.0)
 
     def __post_init__(self):
@@ -386,17 +284,9 @@ class WarmStartConfig:
     def __post_init__(self):
         _positive("warm_start.epochs", self.epochs, allow_zero=True)
         _check(0 <= self.forget_fraction <= 1, "warm_start.forget_fraction", "must be in [0, 1]")
-        _check(
-            isinstance(self.batch_size, int) and self.batch_size >= 1,
-            "warm_start.batch_size",
-            "must be an int >= 1",
-        )
+        _int("warm_start.batch_size", self.batch_size, 1)
         _positive("warm_start.lr", self.lr)
-        _check(
-            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-            "warm_start.warmup_steps",
-            "must be an int >= 0",
-        )
+        _int("warm_start.warmup_steps", self.warmup_steps, 0)
 
 
 @dataclass
@@ -426,33 +316,15 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, low in (("steps", 1), ("keep_checkpoints", 1), ("save_every", 0), ("eval_every", 0)):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                name,
-                f"must be an int >= {low}, got {value!r}",
-            )
+            _int(name, getattr(self, name), low)
         _check(isinstance(self.seed, int), "seed", "must be an int")
-        _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "device",
-            f"must be auto, cpu or cuda[:N], got {self.device!r}",
-        )
+        ok = self.device in ("auto", "cpu") or self.device.startswith("cuda")
+        _check(ok, "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
         _choice("tensorboard", self.tensorboard, ("auto", "on", "off"))
-        mb = self.optim.micro_batch_groups
-        if mb is not None:
-            _check(
-                self.rollout.prompts_per_step % mb == 0,
-                "rollout.prompts_per_step",
-                f"({self.rollout.prompts_per_step}) must be divisible by optim.micro_batch_groups ({mb})",
-            )
-        gb = self.rollout.generation_batch_groups
-        if gb is not None:
-            _check(
-                self.rollout.prompts_per_step % gb == 0,
-                "rollout.prompts_per_step",
-                f"({self.rollout.prompts_per_step}) must be divisible by generation_batch_groups ({gb})",
-            )
+        P = self.rollout.prompts_per_step
+        for name, n in (("optim.micro_batch_groups", self.optim.micro_batch_groups),
+                        ("generation_batch_groups", self.rollout.generation_batch_groups)):  # fmt: skip
+            _check(n is None or P % n == 0, "rollout.prompts_per_step", f"({P}) must divide by {name} ({n})")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> TrainConfig:
@@ -496,9 +368,8 @@ def _set_dotted(data: dict, key: str, value):
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ValueError(
-            f"config: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(data).__name__}"
-        )
+        where = prefix.rstrip(".") or "top level"
+        raise ValueError(f"config: {where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}

@@ -22,12 +22,13 @@ equals the gradient of the full-batch loss for every ``loss_type``.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
 import torch
 
-from rerule.loss import grpo_loss
+from rerule.loss import grpo_loss, token_logps
 from rerule.rollout import (
     SeqBatch,
     autocast,
@@ -63,6 +64,11 @@ class UpdateSet:
     behavior: torch.Tensor | None
     ref: torch.Tensor | None
     group_size: int
+
+
+# The update's per-step metrics (None where they do not apply, e.g. no replay this step).
+UPDATE_METRICS = ("loss_on", "loss_replay", "kl", "replay_kl", "clip_ratio_low", "clip_ratio_high",
+                  "is_weight_mean", "is_weight_max", "is_ess", "is_truncated_frac")  # fmt: skip
 
 
 def recompute_advantages(
@@ -132,35 +138,16 @@ class PolicyUpdate:
     Args:
         model: the policy; loss_kwargs: grpo_loss options (temperature, clips, beta, loss_type ...);
         loss_impl: "logits" or "fused_linear"; kernel_impl: loss backend; amp_dtype: autocast dtype;
-        rows_per_micro: rows per forward (whole groups); cap: w truncation; lam: replay weight;
+        rows_per_micro: rows per forward (whole groups; None: all); cap: w truncation; lam: lambda;
         advantages: "recomputed" or "stored" for replayed groups.
     """
 
-    def __init__(
-        self,
-        model,
-        loss_kwargs: dict,
-        loss_impl: str,
-        kernel_impl: str,
-        amp_dtype,
-        rows_per_micro: int | None,
-        cap: float,
-        lam: float,
-        advantages: str = "recomputed",
-    ):
-        self.model, self.kw, self.loss_impl, self.kernel_impl = (
-            model,
-            dict(loss_kwargs),
-            loss_impl,
-            kernel_impl,
-        )
-        self.amp, self.rows_per_micro, self.cap, self.lam, self.adv_mode = (
-            amp_dtype,
-            rows_per_micro,
-            cap,
-            lam,
-            advantages,
-        )
+    def __init__(self, model, loss_kwargs: dict, loss_impl: str, kernel_impl: str, amp_dtype,
+                 rows_per_micro: int | None, cap: float, lam: float, advantages: str = "recomputed"):
+        self.model, self.kw, self.loss_impl = model, dict(loss_kwargs), loss_impl
+        self.kernel_impl = kernel_impl
+        self.amp, self.rows_per_micro, self.cap, self.lam = amp_dtype, rows_per_micro, cap, lam
+        self.adv_mode = advantages
         if loss_impl == "fused_linear":
             from rerule.fused_linear import fused_linear_grpo_loss
 
@@ -172,68 +159,41 @@ class PolicyUpdate:
                 return completion_logits(self.model, mb)
             return completion_hidden(self.model, mb)
 
+    @torch.no_grad()
     def _current_logps(self, feats, mb: SeqBatch) -> torch.Tensor:
+        temperature = self.kw["temperature"]
         if self.loss_impl == "logits":
-            from rerule.loss import token_logps
-
-            with torch.no_grad():
-                return token_logps(
-                    feats.detach(),
-                    mb.completion_ids,
-                    mb.completion_mask,
-                    temperature=self.kw["temperature"],
-                    impl=self.kernel_impl,
-                )[0]
+            return token_logps(feats.detach(), mb.completion_ids, mb.completion_mask, temperature=temperature,
+                               impl=self.kernel_impl)[0]  # fmt: skip
         weight, bias = lm_head(self.model)
-        return logps_from_hidden(
-            feats.detach().to(weight.dtype), weight, bias, mb, self.kw["temperature"], self.kernel_impl
-        )
+        hidden = feats.detach().to(weight.dtype)
+        return logps_from_hidden(hidden, weight, bias, mb, temperature, self.kernel_impl)
 
     def _loss(self, feats, mb: SeqBatch, adv, behavior, ref, num_items):
-        kw = dict(self.kw)
+        kw = dict(self.kw, is_cap=self.cap, impl=self.kernel_impl, behavior_logps=behavior,
+                  ref_logps=ref if self.kw["beta"] > 0 else None)  # fmt: skip
         if kw["loss_type"] == "dapo":
             kw["num_items_in_batch"] = num_items
-        if kw["beta"] == 0:
-            ref = None
         if self.loss_impl == "logits":
-            return grpo_loss(
-                feats,
-                mb.completion_ids,
-                mb.completion_mask,
-                adv,
-                behavior_logps=behavior,
-                ref_logps=ref,
-                is_cap=self.cap,
-                impl=self.kernel_impl,
-                **kw,
-            )
+            return grpo_loss(feats, mb.completion_ids, mb.completion_mask, adv, **kw)
         weight, bias = lm_head(self.model)
+        # The GEMM runs in one dtype: the autocast dtype when there is one (fp32 master weights are cast).
         dtype = self.amp or weight.dtype
-        return self._fused(
-            feats.to(dtype),
-            weight.to(dtype),
-            mb.completion_ids,
-            mb.completion_mask,
-            adv,
-            bias=None if bias is None else bias.to(dtype),
-            behavior_logps=behavior,
-            ref_logps=ref,
-            is_cap=self.cap,
-            impl=self.kernel_impl,
-            **kw,
-        )
+        bias = None if bias is None else bias.to(dtype)
+        return self._fused(feats.to(dtype), weight.to(dtype), mb.completion_ids, mb.completion_mask, adv,
+                           bias=bias, **kw)  # fmt: skip
 
-    def _run(self, s: UpdateSet, weight: float, replay: bool, stats: dict) -> torch.Tensor:
-        """Forward + backward over ``s`` in micro-batches. Returns the pre-update logps [B, T] (fp32)."""
+    def _run(self, s: UpdateSet, weight: float, replay: bool, acc: dict) -> torch.Tensor:
+        """Forward + backward over ``s`` in micro-batches; sums go to ``acc`` under "" or "replay_" keys.
+        Returns the pre-update logps [B, T] (fp32)."""
         B, T = s.batch.completion_ids.shape
-        mask = s.batch.completion_mask
-        total_tokens = float(mask.sum())
-        step = self.rows_per_micro or B
-        logps = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
-        advs = torch.zeros(B, dtype=torch.float32, device=mask.device)
-        for i, j in micro_slices(B, step):
+        total_tokens = float(s.batch.completion_mask.sum())
+        logps = torch.zeros(B, T, dtype=torch.float32, device=s.batch.completion_ids.device)
+        advs = torch.zeros(B, dtype=torch.float32, device=logps.device)
+        pre = "replay_" if replay else ""
+        for i, j in micro_slices(B, self.rows_per_micro or B):
             mb = s.batch.rows(i, j)
-            t = mb.completion_ids.shape[1]
+            t, n_tok = mb.completion_ids.shape[1], float(mb.completion_mask.sum())
             feats = self._features(mb)
             adv = s.advantages[i:j]
             beh = None if s.behavior is None else s.behavior[i:j, :t]
@@ -242,53 +202,43 @@ class PolicyUpdate:
                 cur = self._current_logps(feats, mb)
                 if self.adv_mode == "recomputed":
                     adv = recompute_advantages(s.rewards[i:j], cur, beh, mb.completion_mask, s.group_size)
-                for k, v in importance_stats(cur, beh, mb.completion_mask, self.cap).items():
-                    stats[k] = max(stats.get(k, 0.0), v) if k == "w_max" else stats.get(k, 0.0) + v
+                w = importance_stats(cur, beh, mb.completion_mask, self.cap)
+                acc["w_max"] = max(acc["w_max"], w.pop("w_max"))
+                for k, v in w.items():
+                    acc[k] += v
             out = self._loss(feats, mb, adv.to(feats.device), beh, ref, total_tokens)
-            scale = weight * loss_scale(
-                self.kw["loss_type"], j - i, float(mb.completion_mask.sum()), B, total_tokens
-            )
-            (out.loss * scale).backward()
+            share = loss_scale(self.kw["loss_type"], j - i, n_tok, B, total_tokens)
+            (out.loss * (weight * share)).backward()
             logps[i:j, :t] = out.logps
             advs[i:j] = adv
-            prefix = "replay_" if replay else ""
-            stats[prefix + "loss"] = stats.get(prefix + "loss", 0.0) + float(out.loss.detach()) * scale / max(
-                weight, 1e-30
-            )
-            n_tok = float(mb.completion_mask.sum())
-            stats[prefix + "tokens"] = stats.get(prefix + "tokens", 0.0) + n_tok
+            acc[pre + "loss"] += float(out.loss.detach()) * share
+            acc[pre + "tokens"] += n_tok
             for k in ("kl", "clip_ratio_low", "clip_ratio_high"):
-                stats[prefix + k + "_sum"] = (
-                    stats.get(prefix + k + "_sum", 0.0) + float(out.metrics[k]) * n_tok
-                )
-        stats[("replay_" if replay else "") + "advantages"] = advs
+                acc[pre + k] += float(out.metrics[k]) * n_tok
+        acc[pre + "advantages"] = advs
         return logps
 
     def __call__(self, fresh: UpdateSet, replayed: UpdateSet | None) -> tuple[torch.Tensor, dict]:
-        """Accumulate gradients for L_on + lambda * L_replay. Returns (fresh pre-update logps, stats)."""
-        stats: dict = {}
-        fresh_logps = self._run(fresh, 1.0, False, stats)
+        """Accumulate gradients for L_on + lambda * L_replay. Returns (fresh pre-update logps [B, T], stats):
+        stats has ``UPDATE_METRICS`` (replay ones only when there was replay), train_tokens, and the
+        advantages used (``advantages``, ``replay_advantages``)."""
+        acc = collections.defaultdict(float)
+        fresh_logps = self._run(fresh, 1.0, False, acc)
+        out = {"loss_on": acc["loss"], "train_tokens": acc["tokens"], "advantages": acc["advantages"]}
+        out.update({k: acc[k] / max(acc["tokens"], 1.0) for k in ("kl", "clip_ratio_low", "clip_ratio_high")})
         if replayed is not None and self.lam > 0:
-            self._run(replayed, self.lam, True, stats)
-        out = {"loss_on": stats["loss"], "train_tokens": stats["tokens"]}
-        for k in ("kl", "clip_ratio_low", "clip_ratio_high"):
-            out[k] = stats[k + "_sum"] / max(stats["tokens"], 1.0)
-        if "replay_tokens" in stats:
-            n = max(stats["n"], 1.0)
-            out.update(
-                {
-                    "loss_replay": stats["replay_loss"],
-                    "replay_tokens": stats["replay_tokens"],
-                    "is_weight_mean": stats["w"] / n,
-                    "is_weight_max": stats["w_max"],
-                    "is_truncated_frac": stats["truncated"] / n,
-                    # normalized effective sample size (sum w)^2 / (n sum w^2), in (0, 1]
-                    "is_ess": stats["w"] ** 2 / (n * stats["w2"]) if stats["w2"] > 0 else 1.0,
-                    "replay_kl": stats["replay_kl_sum"] / max(stats["replay_tokens"], 1.0),
-                    "replay_advantages": stats["replay_advantages"],
-                }
-            )
-            out["train_tokens"] += stats["replay_tokens"]
+            self._run(replayed, self.lam, True, acc)
+            n = max(acc["n"], 1.0)
+            out.update({
+                "loss_replay": acc["replay_loss"], "replay_tokens": acc["replay_tokens"],
+                "replay_kl": acc["replay_kl"] / max(acc["replay_tokens"], 1.0),
+                "replay_advantages": acc["replay_advantages"],
+                "is_weight_mean": acc["w"] / n, "is_weight_max": acc["w_max"],
+                "is_truncated_frac": acc["truncated"] / n,
+                # normalized effective sample size (sum w)^2 / (n sum w^2), in (0, 1]
+                "is_ess": acc["w"] ** 2 / (n * acc["w2"]) if acc["w2"] > 0 else 1.0,
+            })  # fmt: skip
+            out["train_tokens"] += acc["replay_tokens"]
         return fresh_logps, out
 
 
@@ -343,8 +293,6 @@ def warm_start(
     Returns {"warm_start_steps", "warm_start_loss_first", "warm_start_loss_last"}.
     """
     from transformers import get_cosine_schedule_with_warmup
-
-    from rerule.loss import token_logps
 
     examples = warm_start_examples(task, cfg.forget_fraction, seed)
     if not examples or cfg.epochs <= 0:

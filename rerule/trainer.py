@@ -56,7 +56,7 @@ from rerule.rollout import (
     use_chat_template,
 )
 from rerule.sampling import PromptSampler
-from rerule.stages import PolicyUpdate, UpdateSet, collate_replay, warm_start
+from rerule.stages import UPDATE_METRICS, PolicyUpdate, UpdateSet, collate_replay, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,8 @@ class Trainer:
             model = model.to(self.device)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            self.model_info = {
-                "model": type(base_model(model)).__name__,
-                "device": str(self.device),
-                "lora": hasattr(model, "peft_config"),
-            }
+            self.model_info = {"model": type(base_model(model)).__name__, "device": str(self.device),
+                               "lora": hasattr(model, "peft_config")}  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.lora = hasattr(model, "peft_config")
         self.amp = autocast_dtype(c.model, self.device)
@@ -152,64 +149,30 @@ class Trainer:
 
         self.warm_start_stats: dict = {}
         if resume_from is None and c.warm_start.epochs > 0:
-            self.warm_start_stats = warm_start(
-                model,
-                tokenizer,
-                self.task,
-                c.warm_start,
-                max_prompt_length=c.rollout.max_prompt_length,
-                chat_template=c.rollout.chat_template,
-                amp_dtype=self.amp,
-                seed=c.seed,
-                kernel_impl=c.loss.kernel_impl,
-            )
+            self.warm_start_stats = warm_start(model, tokenizer, self.task, c.warm_start,
+                                               max_prompt_length=c.rollout.max_prompt_length,
+                                               chat_template=c.rollout.chat_template, amp_dtype=self.amp,
+                                               seed=c.seed, kernel_impl=c.loss.kernel_impl)  # fmt: skip
         self.reference = self._build_reference(resume_from is not None)
 
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=c.optim.lr, betas=c.optim.betas, eps=c.optim.eps, weight_decay=c.optim.weight_decay
-        )
+        o = c.optim
+        self.optimizer = torch.optim.AdamW(params, o.lr, o.betas, o.eps, weight_decay=o.weight_decay)
         r = c.replay
-        self.buffer = ReplayBuffer(
-            r.capacity,
-            r.threshold,
-            r.threshold_mode,
-            r.quantile,
-            r.quantile_window,
-            r.eviction,
-            r.staleness,
-            r.max_reuse,
-            r.sampling,
-            r.priority_floor,
-            seed=c.seed + 1,
-        )
-        self.sampler = PromptSampler(
-            len(self.pool), c.sampling.mode, c.sampling.floor, c.sampling.alpha, seed=c.seed + 2
-        )
-        G = c.rollout.group_size
-        loss_kwargs = dict(
-            temperature=c.rollout.temperature,
-            epsilon_low=c.loss.epsilon_low,
-            epsilon_high=c.loss.epsilon_high,
-            dual_clip=c.loss.dual_clip,
-            beta=c.loss.beta,
-            loss_type=c.loss.loss_type,
-            importance_sampling_level=c.loss.importance_sampling_level,
-        )
+        self.buffer = ReplayBuffer(r.capacity, r.threshold, r.threshold_mode, r.quantile, r.quantile_window,
+                                   r.eviction, r.staleness, r.max_reuse, r.sampling, r.priority_floor,
+                                   seed=c.seed + 1)  # fmt: skip
+        s = c.sampling
+        self.sampler = PromptSampler(len(self.pool), s.mode, s.floor, s.alpha, seed=c.seed + 2)
+        loss_kwargs = dict(temperature=c.rollout.temperature, epsilon_low=c.loss.epsilon_low,
+                           epsilon_high=c.loss.epsilon_high, dual_clip=c.loss.dual_clip, beta=c.loss.beta,
+                           loss_type=c.loss.loss_type,
+                           importance_sampling_level=c.loss.importance_sampling_level)  # fmt: skip
         if c.loss.loss_type == "dr_grpo":
             loss_kwargs["max_completion_length"] = c.rollout.max_new_tokens
-        micro = c.optim.micro_batch_groups * G if c.optim.micro_batch_groups else None
-        self.update = PolicyUpdate(
-            model,
-            loss_kwargs,
-            self.loss_impl,
-            c.loss.kernel_impl,
-            self.amp,
-            micro,
-            r.cap,
-            r.lam,
-            r.advantages,
-        )
+        self.micro_rows = o.micro_batch_groups * c.rollout.group_size if o.micro_batch_groups else None
+        self.update = PolicyUpdate(model, loss_kwargs, self.loss_impl, c.loss.kernel_impl, self.amp,
+                                   self.micro_rows, r.cap, r.lam, r.advantages)  # fmt: skip
         self.step = 0
         self._rng: dict | None = None
         self.history: list[dict] = []
@@ -243,9 +206,7 @@ class Trainer:
             import rerule.fused_linear  # noqa: F401
         except ImportError as e:
             if want == "fused_linear":
-                raise ValueError(
-                    f"loss.loss_impl=fused_linear but rerule.fused_linear is unavailable ({e})"
-                ) from e
+                raise ValueError(f"loss.loss_impl=fused_linear needs rerule.fused_linear ({e})") from e
             return "logits"
         return "fused_linear" if (want == "fused_linear" or self.device.type == "cuda") else "logits"
 
@@ -274,9 +235,7 @@ class Trainer:
         c = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._open_logs()
-        bar = tqdm(
-            total=c.steps, initial=self.step, disable=not c.progress, desc="rerule", dynamic_ncols=True
-        )
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc="rerule")
         try:
             while self.step < c.steps:
                 metrics = self.train_step()
@@ -310,17 +269,10 @@ class Trainer:
         # 1. prompts and rollouts
         idx = self.sampler.sample(P)
         records = [self.pool[i] for i in idx for _ in range(G)]
-        batch, texts = generate(
-            self.model,
-            self.tokenizer,
-            [self.prompt_ids[i] for i in idx],
-            G,
-            temperature=c.rollout.temperature,
-            top_p=c.rollout.top_p,
-            max_new_tokens=c.rollout.max_new_tokens,
-            batch_groups=c.rollout.generation_batch_groups,
-            amp_dtype=self.amp,
-        )
+        batch, texts = generate(self.model, self.tokenizer, [self.prompt_ids[i] for i in idx], G,
+                                temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+                                max_new_tokens=c.rollout.max_new_tokens, amp_dtype=self.amp,
+                                batch_groups=c.rollout.generation_batch_groups)  # fmt: skip
         t_rollout = time.perf_counter() - t0
 
         # 2. rewards and group advantages
@@ -359,18 +311,13 @@ class Trainer:
                 if c.replay.evict_solved and float(means[g]) >= threshold:
                     evicted_solved += self.buffer.evict_prompt(key)
                     continue
-                group = ReplayGroup(
-                    key=key,
-                    prompt_ids=self.prompt_ids[key].clone(),
-                    completion_ids=batch.completion_ids[rows].cpu(),
-                    completion_mask=batch.completion_mask[rows].cpu(),
-                    rewards=rewards[rows].clone(),
-                    advantages=advantages[rows].clone(),
-                    behavior_logps=fresh_logps[rows].detach().cpu(),
-                    ref_logps=None if ref is None else ref[rows].detach().cpu(),
-                    step=step,
-                    source=self.pool[key].source,
-                )
+                group = ReplayGroup(key=key, prompt_ids=self.prompt_ids[key].clone(),
+                                    completion_ids=batch.completion_ids[rows].cpu(),
+                                    completion_mask=batch.completion_mask[rows].cpu(),
+                                    rewards=rewards[rows].clone(), advantages=advantages[rows].clone(),
+                                    behavior_logps=fresh_logps[rows].cpu(), step=step,
+                                    ref_logps=None if ref is None else ref[rows].cpu(),
+                                    source=self.pool[key].source)  # fmt: skip
                 admitted += self.buffer.offer(group) == "admitted"
             self.buffer.expire(step + 1)
         self.sampler.update(idx, means.tolist())
@@ -399,15 +346,7 @@ class Trainer:
             "buffer_admitted": admitted,
             "buffer_evicted_solved": evicted_solved,
             **self.buffer.stats(),
-            "is_weight_mean": stats.get("is_weight_mean"),
-            "is_weight_max": stats.get("is_weight_max"),
-            "is_ess": stats.get("is_ess"),
-            "is_truncated_frac": stats.get("is_truncated_frac"),
-            "loss_on": stats["loss_on"],
-            "loss_replay": stats.get("loss_replay"),
-            "kl": stats["kl"],
-            "clip_ratio_low": stats["clip_ratio_low"],
-            "clip_ratio_high": stats["clip_ratio_high"],
+            **{k: stats.get(k) for k in UPDATE_METRICS},
             "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "generated_tokens": int(batch.completion_mask.sum()),
@@ -421,7 +360,6 @@ class Trainer:
         if self.evaluate_fn is not None and c.eval_every and self.step % c.eval_every == 0:
             m.update({f"eval/{k}": v for k, v in self.evaluate_fn(self).items()})
         m = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
-        self._last_replay_advantages = stats.get("replay_advantages")
         self.history.append(m)
         self._log(m)
         return m
@@ -429,10 +367,8 @@ class Trainer:
     @torch.no_grad()
     def _ref_logps(self, batch: SeqBatch) -> torch.Tensor:
         c = self.config
-        micro = c.optim.micro_batch_groups * c.rollout.group_size if c.optim.micro_batch_groups else None
-        kw = dict(
-            temperature=c.rollout.temperature, impl=c.loss.kernel_impl, amp_dtype=self.amp, chunk_rows=micro
-        )
+        kw = dict(temperature=c.rollout.temperature, impl=c.loss.kernel_impl, amp_dtype=self.amp,
+                  chunk_rows=self.micro_rows)
         if self.lora:
             with self.model.disable_adapter():
                 return behavior_logps(self.model, batch, **kw)

@@ -50,7 +50,7 @@ def test_shipped_default_config_loads():
         ({"replay": {"cap": 0}}, "replay.cap"),
         ({"replay": {"cap": -1.0}}, "replay.cap"),
         ({"loss": {"loss_type": "ppo"}}, "loss_type"),
-        ({"rollout": {"prompts_per_step": 6}, "optim": {"micro_batch_groups": 4}}, "divisible"),
+        ({"rollout": {"prompts_per_step": 6}, "optim": {"micro_batch_groups": 4}}, "must divide"),
         ({"task": {"name": "tofu", "data_dir": "/nonexistent/tofu"}}, "missing data"),
         ({"task": {"name": "imagenet"}}, "task.name"),
         ({"replay": {"capacity": 0}}, "capacity"),
