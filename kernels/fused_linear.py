@@ -70,6 +70,7 @@ from .options import LossOptions
 _CPU_CHUNK_BYTES = int(os.environ.get("RERULE_FUSED_LINEAR_CPU_CHUNK_BYTES", 32 << 20))
 _GPU_CHUNK_BYTES = int(os.environ.get("RERULE_FUSED_LINEAR_GPU_CHUNK_BYTES", 1 << 30))
 _TORCH_SUBCHUNK_ELEMS = int(os.environ.get("RERULE_FUSED_LINEAR_SUBCHUNK_ELEMS", 1 << 19))
+_GPU_GRADW_BLOCK = 8192
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -143,7 +144,11 @@ class _LmHead:
                 if self.acc_ok:
                     torch.addmm(self.grad_w, d.T, h_c, out_dtype=torch.float32, out=self.grad_w)
                 else:
-                    self.grad_w += torch.mm(d.T, h_c, out_dtype=torch.float32)
+                    # No fp32-accumulating addmm for half inputs in this torch: add fp32 products in vocab
+                    # blocks, so the temporary is [block, H], never a second [V, H].
+                    for v0 in range(0, d.shape[1], _GPU_GRADW_BLOCK):
+                        v1 = v0 + _GPU_GRADW_BLOCK
+                        self.grad_w[v0:v1] += torch.mm(d[:, v0:v1].T, h_c, out_dtype=torch.float32)
             return
         if grad_h is not None:
             grad_h.index_copy_(0, r, torch.mm(dx_c, self.w).to(grad_h.dtype))

@@ -269,6 +269,41 @@ def test_grad_weight_accumulates_in_fp32_over_many_chunks():
     assert e_bf16 > 4 * e_ours, (e_bf16, e_ours)
 
 
+@pytest.mark.parametrize("addmm_acc", [True, False], ids=["addmm-fp32-out", "blocked-add"])
+def test_mixed_precision_gemm_branch_emulated(addmm_acc, monkeypatch):
+    """The CUDA bf16 branch (mm with out_dtype=fp32, dx rounded to bf16 for the gradient GEMMs) has no
+    CPU kernel; emulate those two torch ops exactly (bf16 operands, fp32 products) to run its plumbing."""
+    orig_mm, orig_addmm = torch.mm, torch.addmm
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return orig_mm(a, b) if out is None else orig_mm(a, b, out=out)
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+        return orig_mm(a.float(), b.float())
+
+    def addmm(c, a, b, *, out_dtype, out):
+        assert out is c and c.dtype == torch.float32 and a.dtype == torch.bfloat16
+        return out.add_(orig_mm(a.float(), b.float()))
+
+    case = make_case(B=3, T=8, H=32, V=1000 + 7, dtype=torch.bfloat16, seed=13)
+    up = torch.tensor(1.0)
+    loss_hi, logp_hi, _, _, grads_hi = reference(case, up, beta=0.05)
+    plain, plain_grads = ours(case, up, chunk_size=5, beta=0.05)
+    monkeypatch.setattr(fl, "_mixed_mm_support", lambda device: (True, addmm_acc))
+    monkeypatch.setattr(fl, "_GPU_GRADW_BLOCK", 100)
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    out, grads = ours(case, up, chunk_size=5, beta=0.05)
+    monkeypatch.undo()
+    # fp32 logits in both branches: the same loss and logps as the all-fp32 CPU branch
+    assert abs(out.loss.item() - plain.loss.item()) <= 1e-6 * abs(loss_hi.item())
+    assert torch.allclose(out.logps, plain.logps, atol=1e-6, rtol=0)
+    # gradients: only the bf16 rounding of dlogits before the two gradient GEMMs is added
+    for g, g_plain, g_hi in zip(grads, plain_grads, grads_hi):
+        e_ours, e_plain = (g.double() - g_hi).abs().max().item(), (g_plain.double() - g_hi).abs().max().item()
+        assert g.dtype == torch.bfloat16 and e_ours <= 2 * e_plain + g_hi.abs().max().item() * 2.0**-7
+
+
 TRITON_CASES = [
     dict(beta=0.1, delta=1.4, dual_clip=3.0, temperature=0.8),
     dict(importance_sampling_level="sequence", beta=0.1, loss_type="bnpo"),
