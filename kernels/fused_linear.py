@@ -65,7 +65,8 @@ from .grpo_math import reduction_weights, sequence_terms
 from .options import LossOptions
 
 # fp32 bytes of one chunk's logits. CPU: 32 MB; at N=4096, V=32000, H=512 a 64 MB chunk measured
-# 155-185 MB peak RSS above the inputs (as much as Liger), 32 MB measured 115-131 MB, same speed.
+# 155-185 MB peak RSS above the inputs (as much as Liger), 32 MB measured 115-131 MB (timings on the
+# shared 2-core machine were too noisy to rank the two).
 # GPU: 1 GiB (a GEMM of >= 1k rows runs near peak; untuned, see the module docstring).
 _CPU_CHUNK_BYTES = int(os.environ.get("RERULE_FUSED_LINEAR_CPU_CHUNK_BYTES", 32 << 20))
 _GPU_CHUNK_BYTES = int(os.environ.get("RERULE_FUSED_LINEAR_GPU_CHUNK_BYTES", 1 << 30))

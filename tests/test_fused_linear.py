@@ -172,7 +172,8 @@ def test_padding_rows_are_never_multiplied(level, monkeypatch):
     monkeypatch.setattr(fl, "chunk_logits", spy)
     case = make_case(B=4, T=10, H=16, V=64, mask_p=0.5)
     n_valid = int((case["completion_mask"] != 0).sum())
-    assert 0 < n_valid < 4 * 10 // 2 + 10
+    # row 1 is all padding, the others about half
+    assert 0 < n_valid <= 30
     ours(case, torch.tensor(1.0), chunk_size=3, importance_sampling_level=level)
     passes = 2 if level == "sequence" else 1
     assert sum(seen) == passes * n_valid
