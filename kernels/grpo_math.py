@@ -15,6 +15,7 @@ the analytic gradient equals autograd's at r == 1, the on-policy point)::
                   = mean of the two                     on a tie
     dual clip (A < 0): s' = max(s, c * A); ds'/dlr = ds if s > cA, 0 if s < cA, ds / 2 on a tie
     d loss_tok / d logp = -w * ds/dlr + beta * (1 - exp(ref - logp))      (token level)
+    bias-corrected KL (r * kl, r = exp(log_ratio) unclipped): d(r * kl)/dlogp = r * (logp - ref)
 """
 
 from __future__ import annotations
@@ -90,8 +91,14 @@ def token_terms(logp, adv, rw, o: LossOptions, old=None, behavior=None, ref=None
     dl = -w * ds
     if ref is not None and o.beta != 0.0:
         e = torch.exp(ref - logp)
-        loss_tok = loss_tok + o.beta * (e - (ref - logp) - 1)
-        dl = dl + o.beta * (1 - e)
+        kl = e - (ref - logp) - 1
+        if o.bias_correction_kl:
+            r = torch.exp(logp - old_)
+            loss_tok = loss_tok + o.beta * r * kl
+            dl = dl + o.beta * r * (logp - ref)
+        else:
+            loss_tok = loss_tok + o.beta * kl
+            dl = dl + o.beta * (1 - e)
     return loss_tok, rw * dl
 
 
@@ -110,8 +117,15 @@ def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None,
     g = -(rw * w).sum(-1, keepdim=True) * ds * m / length
     if ref is not None and o.beta != 0.0:
         e = torch.exp(ref - logp)
-        loss_tok = loss_tok + o.beta * (e - (ref - logp) - 1)
-        g = g + rw * o.beta * (1 - e)
+        kl = e - (ref - logp) - 1
+        if o.bias_correction_kl:
+            # r_b * kl_t: r_b couples the sequence, d r_b / d logp_t = r_b * m_t / length
+            r = torch.exp(lr)
+            loss_tok = loss_tok + o.beta * r * kl
+            g = g + rw * o.beta * r * (1 - e) + o.beta * r * m / length * (rw * kl * m).sum(-1, keepdim=True)
+        else:
+            loss_tok = loss_tok + o.beta * kl
+            g = g + rw * o.beta * (1 - e)
     return loss_tok * m, g * m
 
 
@@ -130,6 +144,8 @@ def loss_metrics(logp, mask, adv, o: LossOptions, old=None, behavior=None, ref=N
     w, w_raw = behaviour_weight(old_, behavior, o.is_cap)
     if ref is not None:
         kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if o.bias_correction_kl:
+            kl = kl * coef
         kl_mean = (kl * m).sum() / n
     else:
         kl_mean = torch.zeros((), device=logp.device)

@@ -26,6 +26,8 @@ class LossOptions:
     loss_type: grpo | bnpo | dr_grpo | dapo (TRL's normalizers).
     importance_sampling_level: token | sequence (GSPO: masked mean of the log ratio).
     is_cap: truncation of the behaviour weight w = min(exp(old - behavior), is_cap).
+    bias_correction_kl: multiply the k3 KL term by the (unclipped) policy ratio, making its
+        gradient the unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's use_bias_correction_kl).
     """
 
     temperature: float = 1.0
@@ -37,6 +39,7 @@ class LossOptions:
     loss_type: str = "grpo"
     importance_sampling_level: str = "token"
     is_cap: float = 2.0
+    bias_correction_kl: bool = False
 
     def __post_init__(self):
         def positive(name, value, allow_none=False):
@@ -62,6 +65,8 @@ class LossOptions:
             positive("dual_clip", self.dual_clip)
             if self.dual_clip <= 1:
                 raise ValueError(f"dual_clip must be > 1 (it bounds the surrogate at c*A for A < 0), got {self.dual_clip}")
+        if not isinstance(self.bias_correction_kl, bool):
+            raise TypeError(f"bias_correction_kl must be a bool, got {type(self.bias_correction_kl).__name__}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.importance_sampling_level not in IS_LEVELS:

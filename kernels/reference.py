@@ -12,7 +12,7 @@ Per token (masked tokens contribute nothing)::
     clipped   = clamp(exp(log_ratio), 1 - eps_low, 1 + eps_high)
     surrogate = min(ratio * A, clipped * A);  dual clip: for A < 0, max(surrogate, c * A)
     w         = min(exp(old - behavior), is_cap)   (detached; 1 without behavior)
-    kl        = exp(ref - logp) - (ref - logp) - 1
+    kl        = exp(ref - logp) - (ref - logp) - 1        (x exp(log_ratio) with bias_correction_kl)
     loss_tok  = -(w * surrogate) + beta * kl
 
 Reductions: grpo (per-sequence mean, then batch mean), bnpo (token mean), dr_grpo
@@ -125,6 +125,8 @@ def grpo_loss_reference(
     if ref_logps is not None:
         ref = torch.where(valid, ref_logps.to(dtype), logp.detach())
         kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if o.bias_correction_kl:
+            kl = kl * coef
         if o.beta != 0.0:
             loss_tok = loss_tok + o.beta * kl
     loss = reduce_tokens(loss_tok, completion_mask, o.loss_type, max_completion_length, num_items_in_batch)

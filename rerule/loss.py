@@ -143,6 +143,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
     is_cap: float = 2.0,
+    bias_correction_kl: bool = False,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
     scale_rewards: str = "group",
@@ -162,6 +163,8 @@ def grpo_loss(
         old_logps: [B, T] log-probs of the proximal policy; None = detached current (ratio 1).
         behavior_logps: [B, T] log-probs of the policy that sampled the tokens; gives the
             detached weight w = min(exp(old - behavior), is_cap) on the policy term.
+        bias_correction_kl: multiply the KL term by the unclipped policy ratio (TRL's
+            use_bias_correction_kl, DeepSeek-V3.2's unbiased reverse-KL gradient).
         ref_logps: [B, T] reference log-probs for the k3 KL (needed when beta > 0).
         temperature, epsilon_low, epsilon_high, delta, dual_clip, beta, loss_type,
         importance_sampling_level, is_cap: see ``LossOptions``.
@@ -190,7 +193,7 @@ def grpo_loss(
     o = LossOptions(
         temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
         dual_clip=dual_clip, beta=beta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        is_cap=is_cap,
+        is_cap=is_cap, bias_correction_kl=bias_correction_kl,
     )
     impl = _resolve_impl(impl, device)
     adv, old, beh, ref = _loss_inputs(
@@ -252,11 +255,12 @@ def _check_finite(logp, valid, adv, old, beh, ref, source=_LOGITS_NOT_FINITE):
     # One host sync for all checks: a NaN or +inf logit, or a -inf logit on a chosen token, shows up
     # in logp; the optional log-prob inputs are checked where the mask is 1.
     names = [source, "advantages"]
-    checks = [torch.isfinite(logp[valid]).all(), torch.isfinite(adv).all()]
+    # where(), not boolean indexing: no extra host sync for the nonzero count
+    checks = [torch.isfinite(torch.where(valid, logp, 0.0)).all(), torch.isfinite(adv).all()]
     for name, t in (("old_logps", old), ("behavior_logps", beh), ("ref_logps", ref)):
         if t is not None:
             names.append(name)
-            checks.append(torch.isfinite(t[valid]).all())
+            checks.append(torch.isfinite(torch.where(valid, t, 0.0)).all())
     ok = torch.stack(checks).cpu()
     if not bool(ok.all()):
         bad = [n for n, good in zip(names, ok.tolist()) if not good]

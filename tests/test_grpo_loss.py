@@ -23,6 +23,10 @@ CASES = [
                                     dual_clip=1.2, beta=0.01), {}),
     ("dapo-seq-temp", dict(loss_type="dapo", importance_sampling_level="sequence", temperature=1.3), {}),
     ("grpo-seq-plain", dict(importance_sampling_level="sequence"), dict(old=False, behavior=False, ref=False)),
+    ("bnpo-token-klis", dict(loss_type="bnpo", beta=0.2, bias_correction_kl=True, delta=1.2), {}),
+    ("grpo-token-klis-noold", dict(beta=0.3, bias_correction_kl=True), dict(old=False)),
+    ("dapo-seq-klis", dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.2,
+                           bias_correction_kl=True), {}),
 ]
 TOL = 2e-5
 

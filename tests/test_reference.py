@@ -46,6 +46,8 @@ def literal_loss(inputs, o: LossOptions, max_len=None, num_items=None):
             if ref_in is not None:
                 d = float(ref_in[b, t]) - logp[b][t]
                 kl = math.exp(d) - d - 1
+                if o.bias_correction_kl:
+                    kl *= math.exp(lr)
             loss_tok[b][t] = -(w * s) + o.beta * kl
     tokens = sum(int(mask[b, t]) for b in range(B) for t in range(T))
     total = sum(loss_tok[b][t] for b in range(B) for t in range(T))
@@ -64,6 +66,8 @@ LITERAL = [
     dict(loss_type="bnpo", delta=1.1, dual_clip=1.5),
     dict(loss_type="dr_grpo", importance_sampling_level="sequence", beta=0.05),
     dict(loss_type="dapo", is_cap=1.2, epsilon_high=0.3),
+    dict(beta=0.3, bias_correction_kl=True, delta=1.1),
+    dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.3, bias_correction_kl=True),
 ]
 
 
@@ -77,11 +81,13 @@ def test_reference_matches_literal_transcription(opts):
     assert loss.item() == pytest.approx(literal_loss(inputs, o), rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("klis", [False, True])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_reference_gradcheck_fp64(level):
+def test_reference_gradcheck_fp64(level, klis):
     # small off-policy gap: finite differences must not straddle a clip kink
     inputs = make_inputs(2, 3, 7, seed=22, off_policy=0.02)
-    o = LossOptions(beta=0.2, importance_sampling_level=level, epsilon_low=0.5, epsilon_high=0.5)
+    o = LossOptions(beta=0.2, importance_sampling_level=level, epsilon_low=0.5, epsilon_high=0.5,
+                    bias_correction_kl=klis)
     d = lambda k: inputs[k].double()
 
     def f(x):
