@@ -14,7 +14,7 @@ from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
 
 OPTION_KEYS = ("temperature", "epsilon_low", "epsilon_high", "delta", "dual_clip", "beta", "loss_type",
-               "importance_sampling_level", "is_cap")
+               "importance_sampling_level", "is_cap", "bias_correction_kl")
 
 
 def make_case(B=4, T=9, H=33, V=1007, *, seed=0, dtype=torch.float32, bias=True, mask_p=0.3, masked_row=True,
@@ -113,9 +113,11 @@ CASES = [
     dict(importance_sampling_level="sequence", loss_type="dapo", beta=0.05,
          _inputs=dict(old=False, behavior=True)),
     dict(beta=0.0, _inputs=dict(old=False, behavior=False, ref=False)),
+    dict(beta=0.1, bias_correction_kl=True, loss_type="bnpo"),
+    dict(beta=0.1, bias_correction_kl=True, importance_sampling_level="sequence"),
 ]
 CASE_IDS = ["grpo-all", "bnpo-noref", "drgrpo-kl-tau", "dapo-delta-dual", "seq-grpo-kl", "seq-bnpo-noold",
-            "seq-drgrpo-delta-dual", "seq-dapo-behonly", "grpo-bare"]
+            "seq-drgrpo-delta-dual", "seq-dapo-behonly", "grpo-bare", "bnpo-kl-biascorr", "seq-grpo-kl-biascorr"]
 
 
 @pytest.mark.parametrize("opts", CASES, ids=CASE_IDS)
@@ -306,7 +308,7 @@ def test_mixed_precision_gemm_branch_emulated(addmm_acc, monkeypatch):
 
 
 TRITON_CASES = [
-    dict(beta=0.1, delta=1.4, dual_clip=3.0, temperature=0.8),
+    dict(beta=0.1, delta=1.4, dual_clip=3.0, temperature=0.8, bias_correction_kl=True),
     dict(importance_sampling_level="sequence", beta=0.1, loss_type="bnpo"),
 ]
 
