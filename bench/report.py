@@ -170,18 +170,24 @@ def chart(data: dict, path) -> Path:
         raise ValueError("no timing rows to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
     for ax, (op, shape, modes) in zip(axes[0], panels):
-        impls = []
+        impls, ours = [], set()
         for _, rs in modes:
             impls += [r["label"] for r in rs if r["label"] not in impls]
+            ours |= {r["label"] for r in rs if r.get("ours")}
         width = 0.8 / max(len(modes), 1)
+        lowest = min(r["median_ms"] for _, rs in modes for r in rs)
         for j, (mode, rs) in enumerate(modes):
             by = {r["label"]: r["median_ms"] for r in rs}
             xs = [i + j * width for i, name in enumerate(impls) if name in by]
             ax.bar(xs, [by[n] for n in impls if n in by], width, label=mode)
         ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(impls))])
         ax.set_xticklabels(impls, rotation=40, ha="right", fontsize=7)
+        for tick, name in zip(ax.get_xticklabels(), impls):
+            tick.set_fontweight("bold" if name in ours else "normal")
         ax.set_yscale("log")
-        ax.set_ylabel("median ms (log)")
+        # log bars grow from the axis bottom: put it well under the shortest bar, or they mislead
+        ax.set_ylim(bottom=lowest / 3)
+        ax.set_ylabel("median ms (log; ours in bold)")
         ax.set_title(f"{op}: {shape}", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"{data['card']} — {data['date']} — {data['dtype']}", fontsize=10)
