@@ -108,7 +108,13 @@ def timing_params(op_name: str) -> list:
 def _hi_outputs(op: Op, inp: dict, need_grad: bool) -> dict:
     dt = hi_dtype(device())
     leaves = {k: inp[k].detach().to(dt).requires_grad_(need_grad) for k in op.leaf_names}
-    return _run_outputs(op, op.reference, inp, leaves, need_grad)
+    # a true fp32 reference: no TF32 in its matmuls, whatever the process default is
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return _run_outputs(op, op.reference, inp, leaves, need_grad)
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def _lo_outputs(op: Op, inp: dict, need_grad: bool) -> dict:
@@ -197,6 +203,7 @@ def timing_test(benchmark, op_name: str, case: Case, impl_name: str, mode: str):
         SESSION.note_missing(op_name, impl_name, "RERULE_BENCH_DEADLINE_S reached", shape, mode)
         pytest.skip("deadline reached")
     gate = run_gate(op, impl_name, case)
+    _REFS.clear()  # the gate's references are GBs at real shapes; timings do not need them
     if not gate.passed:
         SESSION.note_missing(op_name, impl_name, f"failed the correctness gate: {gate.reason}", shape, mode)
         if impl.ours:

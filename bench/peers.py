@@ -8,6 +8,8 @@ clip, which Liger does not have. Liger's defaults (temperature 0.9, inplace=True
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from rerule.kernels.options import LossOptions
 
@@ -43,6 +45,7 @@ def eager_logps(logits, ids, temperature=1.0):
     return torch.stack([torch.log_softmax(row, -1).gather(-1, i).squeeze(-1) for row, i in zip(logits, idx)])
 
 
+@functools.cache  # a failed import is retried on every call otherwise: seconds inside timed calls
 def trl_logps_fn():
     """(fn(logits, ids) -> logps, where it came from) for the installed TRL, or (None, reason).
 
@@ -64,6 +67,7 @@ def trl_logps_fn():
     return None, f"trl unavailable ({first})"
 
 
+@functools.cache
 def _liger(what: str):
     try:
         if what == "loss":

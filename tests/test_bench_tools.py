@@ -13,6 +13,7 @@ import torch
 from bench import harness, report
 from bench.common import SESSION, Case, floor_time_s, judge, measure_peak, measure_roofline, rates, rel_err
 from bench.impls import OPS, Impl, eager_logps, trl_style_loss
+from bench.peers import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,7 +292,7 @@ def test_ours_pass_the_gate_on_cpu(smoke):
 
 
 def test_trl_style_eager_is_trls_eager_path():
-    from trl.trainer.utils import selective_log_softmax
+    selective_log_softmax = pytest.importorskip("trl.trainer.utils").selective_log_softmax
 
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -329,29 +330,30 @@ def test_gpu_plan(monkeypatch):
 
 @pytest.mark.slow
 def test_gpu_sh_cpu_smoke(tmp_path):
-    env = dict(
-        os.environ,
-        RERULE_BENCH_OPS="advantages",
-        RERULE_BENCH_IMPLS="torch,reference",
-        RERULE_GPU_SH_BUDGET_S="400",
-    )
+    # A machine without the peers, like the GPU image: gpu.sh must install trl from bench/wheels
+    # and the bench must then use it; Liger stays missing here and is reported as not run.
+    blocked = tmp_path / "blocked"
+    for pkg in ("liger_kernel", "trl"):
+        (blocked / pkg).mkdir(parents=True)
+        (blocked / pkg / "__init__.py").write_text("raise ImportError('not installed on this machine')\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(blocked), RERULE_BENCH_OPS="loss", RERULE_BENCH_IMPLS="torch,trl",
+               RERULE_GPU_SH_BUDGET_S="400")
     env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path), "--cpu"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--cpu"], env=env,
+                         capture_output=True, text=True, timeout=420)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-3000:]
     assert log.count("installs offline") == 2, log[-3000:]
-    result = [p for p in tmp_path.glob("*.json") if "pytest-benchmark" not in p.name]
+    assert "trl: installed trl-1.16.0-py3-none-any.whl" in log, log[-3000:]
+    result = [p for p in out.glob("*.json") if "pytest-benchmark" not in p.name]
     assert len(result) == 1
     data = json.loads(result[0].read_text())
     assert data["device"] == "cpu" and data["profile"] == "smoke"
-    assert {r["impl"] for r in data["rows"]} == {"torch", "reference"}
-    assert all(g["passed"] for g in data["gates"]) and len(data["gates"]) == 2
+    assert {(r["impl"], r["mode"]) for r in data["rows"]} == {(i, m) for i in ("torch", "trl") for m in MODES}
+    assert all(g["passed"] for g in data["gates"]) and {g["impl"] for g in data["gates"]} == {"torch", "trl"}
+    assert data["versions"]["trl"] == "1.16.0"
     assert math.isfinite(data["roofline"]["copy_GBps"])
-    assert "#### Group advantages" in (tmp_path / "benchmarks.md").read_text()
-    assert (tmp_path / "env.txt").is_file() and result[0].with_suffix(".png").is_file()
+    table = (out / "benchmarks.md").read_text()
+    assert "#### GRPO loss over logits" in table and "TRL selective_log_softmax + TRL loss" in table
+    assert (out / "env.txt").is_file() and result[0].with_suffix(".png").is_file()
