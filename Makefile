@@ -21,6 +21,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q
 
+# No $(STAMP): the GPU machine has no package index; gpu.sh uses its python3 and carried wheels.
+BENCH_OUT ?= runs/bench-gpu
+bench-gpu:
+	bash bench/gpu.sh $(BENCH_OUT)
+
 lint: $(STAMP)
 	$(PY) -m ruff check rerule kernels tests bench
 
