@@ -27,7 +27,7 @@ import torch
 
 from .options import LossOptions
 
-ABI_VERSION = 1  # RERULE_CUDA_ABI_VERSION in kernels/csrc/rerule_grpo.h
+ABI_VERSION = 2  # RERULE_CUDA_ABI_VERSION in kernels/csrc/rerule_grpo.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LIB_NAME = "librerule_cuda.so"
 BUILD_HINT = (
@@ -53,8 +53,9 @@ class GrpoArgs(ctypes.Structure):
         ("cache_bytes", _i64),
         ("inv_tau", _f32), ("clip_lo", _f32), ("clip_hi", _f32), ("delta", _f32), ("dual_clip", _f32),
         ("beta", _f32), ("is_cap", _f32),
-        ("dtype", _i32), ("has_delta", _i32), ("has_dual", _i32), ("fused_loss", _i32),
-        ("compute_grad", _i32), ("return_entropy", _i32), ("threads", _i32), ("device", _i32),
+        ("dtype", _i32), ("has_delta", _i32), ("has_dual", _i32), ("bias_correction_kl", _i32),
+        ("fused_loss", _i32), ("compute_grad", _i32), ("return_entropy", _i32), ("threads", _i32),
+        ("device", _i32),
     ]
 
 
@@ -236,6 +237,7 @@ def fwd_args(
         delta=float(o.delta or 0.0), dual_clip=float(o.dual_clip or 0.0), beta=float(o.beta),
         is_cap=float(o.is_cap),
         dtype=dtype, has_delta=int(o.delta is not None), has_dual=int(o.dual_clip is not None),
+        bias_correction_kl=int(o.bias_correction_kl),
         fused_loss=int(fused_loss), compute_grad=int(grad), return_entropy=int(return_entropy),
         threads=threads or _env_int("RERULE_CUDA_THREADS", 0), device=dev.index or 0,
     )
@@ -277,8 +279,6 @@ def grpo_fwd(
     Returns (logp, lse, entropy or None, loss_tok or None, dlogits or None), fp32 [B, T] except
     dlogits ([B, T, V] in the logits dtype; the logits buffer itself when ``inplace``).
     """
-    if o.bias_correction_kl and fused_loss and ref is not None and o.beta != 0.0:
-        raise NotImplementedError("bias_correction_kl is not in the CUDA kernel yet: use impl='triton' or 'torch'")
     lib = _library_for(logits)
     args, outputs, _keep = fwd_args(
         lib, logits, ids, mask, adv, rw, old, beh, ref, o,

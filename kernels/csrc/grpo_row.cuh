@@ -322,6 +322,7 @@ RER_HD void zero_row(T* pdx, const RowLayout& L, int tid, int nth) {
 struct TokenParams {
   float lo, hi, delta, dual_c, beta, is_cap;
   bool has_delta, has_dual;
+  bool kl_is;  // bias-corrected KL: the k3 term times the unclipped ratio r (Triton's KL_IS)
 };
 
 struct TokenTerms {
@@ -356,14 +357,20 @@ RER_HD TokenTerms token_terms(float logp, float adv, float old, bool has_beh, fl
   TokenTerms out{-w * sur, -w * ds};
   if (has_ref) {
     const float e = expf(ref - logp);
-    out.loss += p.beta * (e - (ref - logp) - 1.f);
-    out.dl += p.beta * (1.f - e);
+    if (p.kl_is) {
+      out.loss += p.beta * r * (e - (ref - logp) - 1.f);
+      out.dl += p.beta * r * (logp - ref);
+    } else {
+      out.loss += p.beta * (e - (ref - logp) - 1.f);
+      out.dl += p.beta * (1.f - e);
+    }
   }
   return out;
 }
 
 inline TokenParams token_params(const RerGrpoArgs& a) {
-  return TokenParams{a.clip_lo, a.clip_hi, a.delta, a.dual_clip, a.beta, a.is_cap, a.has_delta != 0, a.has_dual != 0};
+  return TokenParams{a.clip_lo, a.clip_hi, a.delta, a.dual_clip, a.beta, a.is_cap,
+                     a.has_delta != 0, a.has_dual != 0, a.bias_correction_kl != 0};
 }
 
 struct RowStats {

@@ -30,8 +30,9 @@ extern "C" {
 #define RERULE_API __attribute__((visibility("default")))
 #endif
 
-/* Bumped whenever a struct below or a function signature changes. */
-#define RERULE_CUDA_ABI_VERSION 1
+/* Bumped whenever a struct below or a function signature changes (2: bias_correction_kl, which
+ * left sizeof(RerGrpoArgs) unchanged, so only the version tells the layouts apart). */
+#define RERULE_CUDA_ABI_VERSION 2
 
 /* dtype codes of the logits (and of dlogits, which always has the logits dtype). */
 #define RERULE_DTYPE_F32 0
@@ -66,6 +67,7 @@ typedef struct RerGrpoArgs {
   float is_cap;            /* w = min(exp(old - beh), is_cap) */
   int32_t dtype;           /* RERULE_DTYPE_* */
   int32_t has_delta, has_dual;
+  int32_t bias_correction_kl; /* k3 KL term (and its gradient) times exp(logp - old), unclipped */
   int32_t fused_loss;      /* compute loss_tok (token-level GRPO terms) */
   int32_t compute_grad;    /* write dlogits (needs fused_loss) */
   int32_t return_entropy;
