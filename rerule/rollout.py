@@ -46,13 +46,28 @@ class SeqBatch:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
-    def rows(self, start: int, stop: int) -> SeqBatch:
-        """Rows [start, stop), with all-padding columns at the ends dropped."""
+    def rows(self, start: int, stop: int, trim: bool = True) -> SeqBatch:
+        """Rows [start, stop); with ``trim``, the all-padding columns at the ends are dropped."""
         pm, cm = self.prompt_mask[start:stop], self.completion_mask[start:stop]
-        p0 = int(pm.ne(0).any(0).to(torch.int8).argmax()) if pm.ne(0).any() else pm.shape[1] - 1
-        t1 = max(int(cm.ne(0).any(0).nonzero().max()) + 1 if cm.ne(0).any() else 1, 1)
+        p0, t1 = 0, cm.shape[1]
+        if trim:
+            p0 = int(pm.ne(0).any(0).to(torch.int8).argmax()) if pm.ne(0).any() else pm.shape[1] - 1
+            t1 = int(cm.ne(0).any(0).nonzero().max()) + 1 if cm.ne(0).any() else 1
+        ids = self.completion_ids[start:stop, :t1]
+        return SeqBatch(self.prompt_ids[start:stop, p0:], pm[:, p0:], ids, cm[:, :t1])
+
+    @staticmethod
+    def cat(batches: list[SeqBatch]) -> SeqBatch:
+        """Stack batches by rows: prompts left-padded, completions right-padded (id 0, mask 0)."""
+        if len(batches) == 1:
+            return batches[0]
+        P = max(b.prompt_ids.shape[1] for b in batches)
+        F = torch.nn.functional
         return SeqBatch(
-            self.prompt_ids[start:stop, p0:], pm[:, p0:], self.completion_ids[start:stop, :t1], cm[:, :t1]
+            torch.cat([F.pad(b.prompt_ids, (P - b.prompt_ids.shape[1], 0)) for b in batches]),
+            torch.cat([F.pad(b.prompt_mask, (P - b.prompt_mask.shape[1], 0)) for b in batches]),
+            right_pad([b.completion_ids for b in batches], 0),
+            right_pad([b.completion_mask for b in batches], 0),
         )
 
 

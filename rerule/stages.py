@@ -183,51 +183,68 @@ class PolicyUpdate:
         return self._fused(feats.to(dtype), weight.to(dtype), mb.completion_ids, mb.completion_mask, adv,
                            bias=bias, **kw)  # fmt: skip
 
-    def _run(self, s: UpdateSet, weight: float, replay: bool, acc: dict) -> torch.Tensor:
-        """Forward + backward over ``s`` in micro-batches; sums go to ``acc`` under "" or "replay_" keys.
-        Returns the pre-update logps [B, T] (fp32)."""
-        B, T = s.batch.completion_ids.shape
-        total_tokens = float(s.batch.completion_mask.sum())
-        logps = torch.zeros(B, T, dtype=torch.float32, device=s.batch.completion_ids.device)
-        advs = torch.zeros(B, dtype=torch.float32, device=logps.device)
+    def _part_loss(self, feats, mb: SeqBatch, s: UpdateSet, rows: slice, weight: float, replay: bool,
+                   total_tokens: float, acc: dict, logps: torch.Tensor):  # fmt: skip
+        """Loss of one set's rows ``rows`` inside the micro-batch ``mb`` (``feats`` already sliced);
+        returns the scaled loss and writes the pre-update logps and the advantages used."""
+        t = mb.completion_ids.shape[1]
+        adv = s.advantages[rows]
+        beh = None if s.behavior is None else _cols(s.behavior[rows], t)
+        ref = None if s.ref is None else _cols(s.ref[rows], t)
         pre = "replay_" if replay else ""
-        for i, j in micro_slices(B, self.rows_per_micro or B):
-            mb = s.batch.rows(i, j)
-            t, n_tok = mb.completion_ids.shape[1], float(mb.completion_mask.sum())
-            feats = self._features(mb)
-            adv = s.advantages[i:j]
-            beh = None if s.behavior is None else s.behavior[i:j, :t]
-            ref = None if s.ref is None else s.ref[i:j, :t]
-            if replay:
-                cur = self._current_logps(feats, mb)
-                if self.adv_mode == "recomputed":
-                    adv = recompute_advantages(s.rewards[i:j], cur, beh, mb.completion_mask, s.group_size)
-                w = importance_stats(cur, beh, mb.completion_mask, self.cap)
-                acc["w_max"] = max(acc["w_max"], w.pop("w_max"))
-                for k, v in w.items():
-                    acc[k] += v
-            out = self._loss(feats, mb, adv.to(feats.device), beh, ref, total_tokens)
-            share = loss_scale(self.kw["loss_type"], j - i, n_tok, B, total_tokens)
-            (out.loss * (weight * share)).backward()
-            logps[i:j, :t] = out.logps
-            advs[i:j] = adv
-            acc[pre + "loss"] += float(out.loss.detach()) * share
-            acc[pre + "tokens"] += n_tok
-            for k in ("kl", "clip_ratio_low", "clip_ratio_high"):
-                acc[pre + k] += float(out.metrics[k]) * n_tok
-        acc[pre + "advantages"] = advs
-        return logps
+        if replay:
+            cur = self._current_logps(feats, mb)
+            if self.adv_mode == "recomputed":
+                adv = recompute_advantages(s.rewards[rows], cur, beh, mb.completion_mask, s.group_size)
+            w = importance_stats(cur, beh, mb.completion_mask, self.cap)
+            acc["w_max"] = max(acc["w_max"], w.pop("w_max"))
+            for k, v in w.items():
+                acc[k] += v
+        out = self._loss(feats, mb, adv.to(feats.device), beh, ref, total_tokens)
+        n_tok = float(mb.completion_mask.sum())
+        share = loss_scale(self.kw["loss_type"], rows.stop - rows.start, n_tok, len(s.batch), total_tokens)
+        logps[rows, : min(t, logps.shape[1])] = out.logps[:, : logps.shape[1]]
+        acc[pre + "advantages"][rows] = adv.to(acc[pre + "advantages"].device)
+        acc[pre + "loss"] += float(out.loss.detach()) * share
+        acc[pre + "tokens"] += n_tok
+        for k in ("kl", "clip_ratio_low", "clip_ratio_high"):
+            acc[pre + k] += float(out.metrics[k]) * n_tok
+        return out.loss * (weight * share)
 
     def __call__(self, fresh: UpdateSet, replayed: UpdateSet | None) -> tuple[torch.Tensor, dict]:
         """Accumulate gradients for L_on + lambda * L_replay. Returns (fresh pre-update logps [B, T], stats):
         stats has ``UPDATE_METRICS`` (replay ones only when there was replay), train_tokens, and the
-        advantages used (``advantages``, ``replay_advantages``)."""
+        advantages used (``advantages``, ``replay_advantages``).
+
+        Fresh and replayed rows go through the model together (one forward and one backward per
+        micro-batch, not one more per replayed batch); each set's loss is taken on its own rows."""
+        sets = [(fresh, 1.0, False)]
+        if replayed is not None and self.lam > 0:
+            sets.append((replayed, self.lam, True))
+        batch = SeqBatch.cat([s.batch for s, _, _ in sets])
+        starts = [0, len(fresh.batch)] + ([len(fresh.batch) + len(replayed.batch)] if len(sets) > 1 else [])
+        totals = [float(s.batch.completion_mask.sum()) for s, _, _ in sets]
+        device = batch.completion_ids.device
+        logps = [torch.zeros(s.batch.completion_ids.shape, device=device) for s, _, _ in sets]
         acc = collections.defaultdict(float)
-        fresh_logps = self._run(fresh, 1.0, False, acc)
+        for (s, _, replay), lp in zip(sets, logps):
+            acc[("replay_" if replay else "") + "advantages"] = torch.zeros(len(s.batch), device=lp.device)
+        for i, j in micro_slices(len(batch), self.rows_per_micro or len(batch)):
+            mb = batch.rows(i, j)
+            feats = self._features(mb)
+            loss = 0.0
+            for k, (s, weight, replay) in enumerate(sets):
+                a, b = max(i, starts[k]), min(j, starts[k + 1])
+                if a >= b:
+                    continue
+                part = mb.rows(a - i, b - i, trim=False)
+                rows = slice(a - starts[k], b - starts[k])
+                x = feats[a - i : b - i]
+                loss = loss + self._part_loss(x, part, s, rows, weight, replay, totals[k], acc, logps[k])
+            loss.backward()
         out = {"loss_on": acc["loss"], "train_tokens": acc["tokens"], "advantages": acc["advantages"]}
         out.update({k: acc[k] / max(acc["tokens"], 1.0) for k in ("kl", "clip_ratio_low", "clip_ratio_high")})
-        if replayed is not None and self.lam > 0:
-            self._run(replayed, self.lam, True, acc)
+        if len(sets) > 1:
             n = max(acc["n"], 1.0)
             out.update({
                 "loss_replay": acc["replay_loss"], "replay_tokens": acc["replay_tokens"],
@@ -239,7 +256,12 @@ class PolicyUpdate:
                 "is_ess": acc["w"] ** 2 / (n * acc["w2"]) if acc["w2"] > 0 else 1.0,
             })  # fmt: skip
             out["train_tokens"] += acc["replay_tokens"]
-        return fresh_logps, out
+        return logps[0], out
+
+
+def _cols(x: torch.Tensor, t: int) -> torch.Tensor:
+    """[B, T'] -> [B, t]: cut or zero-pad the columns (padding is masked out by the loss)."""
+    return x[:, :t] if x.shape[1] >= t else torch.nn.functional.pad(x, (0, t - x.shape[1]))
 
 
 def collate_replay(groups, pad_id: int, device) -> UpdateSet:

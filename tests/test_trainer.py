@@ -205,17 +205,18 @@ def _grads(model, update, fresh, replayed):
     return [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("micro", [4, 12], ids=["micro4", "micro12-straddles"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_micro_batches_match_full_batch(loss_type):
+def test_micro_batches_match_full_batch(loss_type, micro):
     tok = build_char_tokenizer()
     model = build_tiny_llama(len(tok), seed=2, tokenizer=tok)
     kw = dict(
         LOSS_KW, loss_type=loss_type, **({"max_completion_length": 8} if loss_type == "dr_grpo" else {})
     )
-    fresh, rep = _random_set(len(tok)), _random_set(len(tok), seed=1, behavior=True)
+    fresh, rep = _random_set(len(tok)), _random_set(len(tok), T=7, P=5, seed=1, behavior=True)
     full = _grads(model, PolicyUpdate(model, kw, "logits", "torch", None, None, 2.0, 0.7), fresh, rep)
-    micro = _grads(model, PolicyUpdate(model, kw, "logits", "torch", None, 4, 2.0, 0.7), fresh, rep)
-    for a, b in zip(full, micro):
+    split = _grads(model, PolicyUpdate(model, kw, "logits", "torch", None, micro, 2.0, 0.7), fresh, rep)
+    for a, b in zip(full, split):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -226,7 +227,7 @@ def test_replayed_loss_gradient_is_the_decoupled_objective():
     model = build_tiny_llama(len(tok), seed=3, tokenizer=tok)
     fresh = _random_set(len(tok))
     fresh.advantages = torch.zeros_like(fresh.advantages)
-    rep = _random_set(len(tok), seed=4, behavior=True)
+    rep = _random_set(len(tok), T=6, P=4, seed=4, behavior=True)
     lam, cap = 0.7, 1.5
     kw = dict(LOSS_KW, loss_type="grpo")
     got = _grads(model, PolicyUpdate(model, kw, "logits", "torch", None, None, cap, lam), fresh, rep)
@@ -334,7 +335,7 @@ def test_fused_linear_path_matches_logits_path():
     tok = build_char_tokenizer()
     model = build_tiny_llama(len(tok), seed=5, tokenizer=tok)
     kw = dict(LOSS_KW, loss_type="grpo")
-    fresh, rep = _random_set(len(tok), seed=6), _random_set(len(tok), seed=7, behavior=True)
+    fresh, rep = _random_set(len(tok), seed=6), _random_set(len(tok), T=3, P=6, seed=7, behavior=True)
     results = []
     for impl in ("logits", "fused_linear"):
         model.zero_grad(set_to_none=True)
