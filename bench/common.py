@@ -425,7 +425,17 @@ def versions() -> dict:
         )
     except (OSError, subprocess.SubprocessError):
         out["git"] = None
+    # the device machine gets a copy of the tree without .git: the caller can pass the commit
+    out["git"] = out["git"] or os.environ.get("RERULE_BENCH_GIT")
     return out
+
+
+def device_info(dev: torch.device) -> dict:
+    if dev.type != "cuda":
+        return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    p = torch.cuda.get_device_properties(dev)
+    return {"name": p.name, "sm_count": p.multi_processor_count, "memory_gib": p.total_memory / 2**30,
+            "capability": f"{p.major}.{p.minor}", "l2_mib": getattr(p, "L2_cache_size", 0) / 2**20}
 
 
 class Session:
@@ -438,6 +448,18 @@ class Session:
         self.rows: list = []
         self.missing: list = []
         self.compile_cache: dict = {}
+        self._versions: dict | None = None
+
+    def versions(self) -> dict:
+        if self._versions is None:
+            self._versions = versions()
+        return self._versions
+
+    def row_versions(self, impl_name: str) -> dict:
+        """The versions a timing row depends on: torch, triton, and the impl's own library."""
+        lib = "trl" if impl_name == "trl" else "liger_kernel" if impl_name.startswith("liger") else "rerule"
+        v = self.versions()
+        return {k: v.get(k) for k in ("torch", "triton", lib)}
 
     def roofline(self, dev, prof) -> dict:
         if self.roof is None:
@@ -466,7 +488,8 @@ class Session:
             "dtype": str(prof.dtype).replace("torch.", ""),
             "date": _dt.date.today().isoformat(),
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "versions": versions(),
+            "versions": self.versions(),
+            "device_info": device_info(dev),
             "roofline": self.roof,
             "gates": [asdict(g) for g in self.gates.values()],
             "rows": self.rows,

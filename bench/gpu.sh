@@ -136,18 +136,18 @@ echo "  profile $PROFILE; timings start until $((LEFT - 60)) s from now, hard st
 (cd "$REPO" && RERULE_BENCH_PROFILE=$PROFILE RERULE_BENCH_OUT="$OUT" \
   RERULE_BENCH_DEADLINE_S=${RERULE_BENCH_DEADLINE_S:-$((LEFT - 60))} PYTHONUNBUFFERED=1 \
   timeout -s INT -k 20 "$LEFT" "$PY" -m pytest bench --benchmark-only -q -p no:cacheprovider -p no:xdist -rs \
-  --benchmark-json="$OUT/pytest-benchmark.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name)
+  --benchmark-columns=median,iqr,rounds --benchmark-sort=name)
 BENCH_RC=$?
 echo "  pytest exit code $BENCH_RC"
 
 stage "report"
-RESULT=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v -e pytest-benchmark -e cuda_check | head -1)
+RESULT=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v -e cuda_check | head -1)
 if [ -z "$RESULT" ]; then
   echo "  no results JSON in $OUT"
   exit 5
 fi
-"$PY" "$REPO/bench/report.py" "$RESULT" --md "$OUT/benchmarks.md" --png "${RESULT%.json}.png" --goals \
-  | tee "$OUT/goals.txt"
+# Few files: the device tool brings back at most 8 from OUT (env, log, JSON, chart, table, cuda_check).
+"$PY" "$REPO/bench/report.py" "$RESULT" --md "$OUT/benchmarks.md" --png "${RESULT%.json}.png" --goals
 echo
 # the loss table last: the device tool returns the end of the output
 awk '/^#### /{p = /GRPO loss over logits/} p' "$OUT/benchmarks.md"

@@ -242,8 +242,10 @@ def timing_test(benchmark, op_name: str, case: Case, impl_name: str, mode: str):
         "gate_passed": True,
         "gate_errors": gate.errors,
         "detail": impl.detail() if impl.detail else None,
+        "versions": SESSION.row_versions(impl_name),
     }
-    benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("shape", "gate_errors")})
+    skip = ("shape", "gate_errors", "versions")
+    benchmark.extra_info.update({k: v for k, v in row.items() if k not in skip})
     SESSION.rows.append(row)
 
 
