@@ -1,6 +1,9 @@
 """rerule.integrations.trl: parity of FusedGRPOTrainer._compute_loss with TRL's native _compute_loss
 (loss, every parameter's gradient, logged metrics) on a tiny fp32 Llama, and short training runs of
-FusedGRPOTrainer and ReplayGRPOTrainer."""
+FusedGRPOTrainer and ReplayGRPOTrainer.
+
+The configs keep TRL's default use_bias_correction_kl=True (KL x the policy ratio) unless a test
+turns it off; test_parity_with_trl runs both."""
 
 from __future__ import annotations
 
@@ -73,7 +76,6 @@ def config(cls=ReplayGRPOConfig, **kw):
         save_strategy="no",
         logging_steps=1,
         use_vllm=False,
-        use_bias_correction_kl=False,
         beta=0.0,
     )
     return cls(**{**base, **kw})
@@ -174,15 +176,47 @@ def setattrs(trainer):
         setattr(obj, attr, value)
 
 
+def native_loss(tr, model, inputs):
+    return GRPOTrainer._compute_loss(tr, model, inputs)
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("beta", [0.0, 0.05])
+@pytest.mark.parametrize("beta,kl_is", [(0.0, True), (0.05, False), (0.05, True)],
+                         ids=["beta0", "beta-k3", "beta-k3-bias-corrected"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_parity_with_trl(trainer, setattrs, loss_type, beta, level):
-    setattrs(loss_type=loss_type, beta=beta, importance_sampling_level=level)
+def test_parity_with_trl(trainer, setattrs, loss_type, beta, kl_is, level):
+    setattrs(loss_type=loss_type, beta=beta, importance_sampling_level=level,
+             args_use_bias_correction_kl=kl_is)
     native = assert_parity(trainer, make_inputs(trainer, seed=1))
     # The inputs must exercise the clipping branches (else parity would not test them).
     assert native[2]["clip_ratio/region_mean"] > 0
     assert ("kl" in native[2]) == (beta > 0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bias_corrected_kl_is_what_trl_logs_and_differentiates(trainer, setattrs, level):
+    """TRL logs kl = mean(k3 x exp(log_ratio)), with the ratio taken before delta clamps it, and its
+    gradient carries d ratio / d logp. The inputs make both visible: with delta = 1.2 some ratios
+    are clamped, and the plain k3 gives another kl and other gradients."""
+    setattrs(loss_type="bnpo", beta=0.2, importance_sampling_level=level, args_delta=1.2,
+             args_use_bias_correction_kl=True)
+    inputs = make_inputs(trainer, seed=13, off_policy=0.4)
+    corrected = assert_parity(trainer, inputs)
+    setattrs(args_use_bias_correction_kl=False)
+    plain = run(trainer, lambda m, i: native_loss(trainer, m, i), inputs)
+    assert abs(corrected[2]["kl"] - plain[2]["kl"]) > 0.05 * plain[2]["kl"]
+    g_c, g_p = corrected[1]["lm_head.weight"], plain[1]["lm_head.weight"]
+    assert (g_c - g_p).abs().max() > 1e-3 * g_p.abs().max()
+    # some ratio is past delta (else the unclamped ratio in the logged kl would go untested)
+    m = inputs["completion_mask"].bool()
+    with torch.no_grad():
+        cur, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), m.size(1))
+    lr = (cur - inputs["old_per_token_logps"]) * m
+    if level == "sequence":
+        lr = lr.sum(-1) / m.sum(-1)
+    assert (lr.exp() > 1.2).any()
 
 
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
@@ -261,9 +295,6 @@ def test_bf16_model_close_to_native(model_dir, tmp_path):
 
 def test_unsupported_configurations_raise(trainer, setattrs):
     inputs = make_inputs(trainer, seed=6)
-    setattrs(beta=0.05, args_use_bias_correction_kl=True)
-    with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        trainer._compute_loss(trainer.model, inputs)
     setattrs(beta=0.0, loss_type="cispo")
     with pytest.raises(ValueError, match="cispo"):
         trainer._compute_loss(trainer.model, inputs)
@@ -272,10 +303,13 @@ def test_unsupported_configurations_raise(trainer, setattrs):
         trainer._compute_loss(trainer.model, inputs)
 
 
-def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_path):
+@pytest.mark.parametrize("beta", [0.0, 0.05], ids=["beta0", "beta-bias-corrected-kl"])
+def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_path, beta):
     """ReplayGRPOTrainer's loss on a batch with replayed rows equals L_on(fresh rows) from TRL's
-    native loss + lambda * the spec's replay loss (old = current, w = min(exp(old - mu), cap))."""
-    args = config(output_dir=str(tmp_path), loss_type="grpo", beta=0.0, replay_weight=0.7, replay_is_cap=1.5)
+    native loss + lambda * the spec's replay loss (w = min(exp(old - mu), cap) on the policy term).
+    beta0: old = current (ratio 1). With beta > 0 (TRL's default use_bias_correction_kl=True) old
+    is off the current policy, and the replayed rows' KL is k3 x exp(logp - old), not weighted by w."""
+    args = config(output_dir=str(tmp_path), loss_type="grpo", beta=beta, replay_weight=0.7, replay_is_cap=1.5)
     tr = ReplayGRPOTrainer(
         model=model_dir,
         reward_funcs=random_reward,
@@ -286,7 +320,8 @@ def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_
     tr.current_gradient_accumulation_steps = 1
     tr.model.train()
     inputs = make_inputs(tr, seed=7)
-    del inputs["old_per_token_logps"], inputs["ref_per_token_logps"]
+    if beta == 0.0:
+        del inputs["old_per_token_logps"], inputs["ref_per_token_logps"]
     B, C = inputs["completion_ids"].shape
     replay = torch.tensor([False, True, False, True, True, False])
     mu = make_inputs(tr, seed=7, off_policy=0.0)["old_per_token_logps"] + 0.5 * torch.randn(B, C)
@@ -307,7 +342,11 @@ def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_
         inputs["completion_ids"][replay],
         inputs["completion_mask"][replay],
         inputs["advantages"][replay],
+        old_logps=inputs["old_per_token_logps"][replay] if beta else None,
         behavior_logps=mu[replay],
+        ref_logps=inputs["ref_per_token_logps"][replay] if beta else None,
+        beta=beta,
+        bias_correction_kl=True,
         is_cap=1.5,
         loss_type="grpo",
     )

@@ -18,7 +18,9 @@ How it departs from ``FusedGRPOTrainer`` (DESIGN.md, "ReRULE"):
    backbone forward for both. L_on is exactly FusedGRPOTrainer's (TRL's) loss. L_replay is the
    decoupled form: the PPO clip against pi_old, the truncated detached weight
    w = min(pi_old / mu, replay_is_cap) on the policy term, the same loss_type, its normalizer taken
-   over the replayed rows (dapo: replayed tokens of the whole generation batch).
+   over the replayed rows (dapo: replayed tokens of the whole generation batch). With beta > 0 the
+   KL term is the fresh rows' (k3, times pi / pi_old under ``use_bias_correction_kl``), not weighted
+   by w, as in rerule's loss spec.
 
 Logged: replay/buffer_size, replay/admitted, replay/groups, replay/is_weight_mean,
 replay/is_truncated_frac, replay/is_ess, replay/loss, next to TRL's metrics for the fresh rows.

@@ -7,7 +7,8 @@ rewards, advantages, logging and the optimizer loop are TRL's own. ``ReplayGRPOT
 ``rerule.integrations._trl_replay``, re-exported here) adds ReRULE's hard-case replay on top.
 
 How TRL's inputs map onto the kernel (tests/test_integration_trl.py checks loss and every parameter's
-gradient against TRL's native ``_compute_loss`` for grpo / bnpo / dr_grpo / dapo x beta x level):
+gradient against TRL's native ``_compute_loss`` for grpo / bnpo / dr_grpo / dapo x beta x level x
+plain or bias-corrected KL):
 
 - loss mask = completion_mask * tool_mask (when present); advantages [B]; old / ref per-token
   log-probs as given (old absent: ratio 1 with the gradient of the current log-probs, as TRL).
@@ -20,8 +21,12 @@ gradient against TRL's native ``_compute_loss`` for grpo / bnpo / dr_grpo / dapo
   normalizer (mask sum; B * max_completion_length; num_items_in_batch / num_processes *
   grad_accum / steps_per_generation), and grpo / bnpo / dr_grpo by the gradient-accumulation steps,
   exactly where TRL divides.
+- ``use_bias_correction_kl`` (TRL's default True) becomes ``bias_correction_kl``: the k3 KL times the
+  unclipped, differentiable ratio exp(log_ratio) (token: exp(logp - old); sequence: exp of the masked
+  mean, broadcast over the tokens), as TRL. The vLLM ratio stays on the policy term only, as in TRL.
 - metrics: TRL's names and formulas (kl, entropy, clip_ratio/low_mean, high_mean, region_mean,
-  low_min, high_max), computed from the kernel's per-token log-probs and entropies.
+  low_min, high_max), computed from the kernel's per-token log-probs and entropies; ``kl`` is the
+  corrected KL when the correction is on, which is what TRL logs.
 
 Precision: the kernel's math is fp32 (logits are never rounded); TRL keeps log-probs in the model
 dtype. In bf16 the two differ by bf16 rounding, so the parity tests run the tiny model in fp32.
@@ -29,9 +34,7 @@ Under mixed precision the hidden states are cast to the lm_head weight's dtype f
 
 Not supported (a ValueError says so): loss types cispo / sapo / luspo / vespo, top_entropy_quantile
 < 1, off_policy_mask_threshold, the entropy bonus, MoE aux loss, final-logit softcapping,
-multimodal inputs, per-token advantages, and beta > 0 with ``use_bias_correction_kl=True`` (TRL's
-default): that term multiplies the KL by the differentiable policy ratio, which the kernel does not
-implement yet. Set ``use_bias_correction_kl=False`` to use the plain k3 KL the kernel computes.
+multimodal inputs, per-token advantages.
 """
 
 from __future__ import annotations
@@ -146,8 +149,6 @@ class FusedGRPOTrainer(GRPOTrainer):
             unsupported.append("entropy_coef / use_adaptive_entropy")
         if opt("aux_loss_enabled", False):
             unsupported.append("the MoE router aux loss")
-        if self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False):
-            unsupported.append("beta > 0 with use_bias_correction_kl=True (set use_bias_correction_kl=False)")
         if any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS):
             unsupported.append("multimodal inputs")
         if inputs.get("advantages") is not None and inputs["advantages"].dim() != 1:
@@ -172,6 +173,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             epsilon_high=self.epsilon_high,
             delta=self.args.delta,
             beta=self.beta,
+            # getattr default: TRL releases before the option had only the plain k3 KL
+            bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
             importance_sampling_level=self.importance_sampling_level,
             return_entropy=True,
             chunk_size=self.rerule_chunk_size,
@@ -246,6 +249,8 @@ class FusedGRPOTrainer(GRPOTrainer):
         if self.importance_sampling_level == "sequence":
             log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
         coef = torch.exp(log_ratio)
+        # TRL multiplies its logged KL by the ratio before delta clamps it
+        kl_coef = coef if getattr(self.args, "use_bias_correction_kl", False) else 1.0
         if self.args.delta is not None:
             coef = coef.clamp(max=self.args.delta)
         adv = inputs["advantages"].float().unsqueeze(1)
@@ -264,7 +269,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         metrics = self._metrics[mode]
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"].float()
-            metrics[prefix + "kl"].append(global_mean(torch.exp(ref - logps) - (ref - logps) - 1))
+            metrics[prefix + "kl"].append(global_mean((torch.exp(ref - logps) - (ref - logps) - 1) * kl_coef))
         metrics[prefix + "entropy"].append(global_mean(out.entropy))
         low = ((coef < 1 - self.epsilon_low) & (adv < 0)).float()
         high = ((coef > 1 + self.epsilon_high) & (adv > 0)).float()
