@@ -159,6 +159,10 @@ def generate(
 ) -> tuple[SeqBatch, list[str]]:
     """Sample ``group_size`` completions per prompt (plain temperature sampling, no top-k).
 
+    The model's own ``generation_config`` is set aside while sampling: transformers fills every
+    option left unset from it, so a checkpoint shipping temperature 0.6 / top_p 0.9 / a repetition
+    penalty would otherwise sample from a different distribution than the one the loss scores.
+
     Args:
         prompts: N 1-D prompt id tensors.
     Returns:
@@ -168,20 +172,14 @@ def generate(
 
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)
-    gen_cfg = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
-        num_return_sequences=group_size,
-        use_cache=True,
-    )
-    was_training = model.training
+    gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, use_cache=True,
+                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=eos, num_return_sequences=group_size)  # fmt: skip
+    inner = base_model(model)
+    saved_cfg, was_training = inner.generation_config, model.training
+    inner.generation_config = gen_cfg
     model.eval()
-    parts = []
+    comps, masks = [], []
     step = batch_groups or len(prompts)
     try:
         for i in range(0, len(prompts), step):
@@ -191,22 +189,17 @@ def generate(
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
             comp = out[:, ids.shape[1] :]
             cmask = completion_mask_from_eos(comp, eos)
-            comp = torch.where(cmask.bool(), comp, torch.full_like(comp, tokenizer.pad_token_id))
-            parts.append(
-                (ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0), comp, cmask)
-            )
+            comps.append(torch.where(cmask.bool(), comp, torch.full_like(comp, tokenizer.pad_token_id)))
+            masks.append(cmask)
     finally:
+        inner.generation_config = saved_cfg
         model.train(was_training)
-    prompt_ids, prompt_mask = left_pad(
-        [p for p in prompts for _ in range(group_size)], tokenizer.pad_token_id
-    )
-    comp_ids = right_pad([p[2] for p in parts], tokenizer.pad_token_id)
-    comp_mask = right_pad([p[3] for p in parts], 0)
-    batch = SeqBatch(prompt_ids.to(device), prompt_mask.to(device), comp_ids, comp_mask)
-    texts = tokenizer.batch_decode(
-        [c[m.bool()] for c, m in zip(batch.completion_ids, batch.completion_mask)], skip_special_tokens=True
-    )
-    return batch, texts
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(group_size)], pad)
+    batch = SeqBatch(prompt_ids.to(device), prompt_mask.to(device), right_pad(comps, pad),
+                     right_pad(masks, 0))  # fmt: skip
+    kept = [c[m.bool()] for c, m in zip(batch.completion_ids, batch.completion_mask)]
+    return batch, tokenizer.batch_decode(kept, skip_special_tokens=True)
 
 
 def _inputs(batch: SeqBatch):

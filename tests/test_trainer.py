@@ -157,8 +157,13 @@ def test_behaviour_logps_match_generate_positions():
     cmask = completion_mask_from_eos(comp, [2])
     mu = behavior_logps(model, SeqBatch(ids, mask, comp, cmask))
     torch.testing.assert_close(mu * cmask, raw * cmask, atol=1e-5, rtol=1e-5)
-    batch, texts = generate(model, tok, prompts, 3, max_new_tokens=6)
-    assert batch.completion_ids.shape[0] == 6 and len(texts) == 6
+    # A checkpoint's own generation settings must not leak into RL sampling: transformers fills every
+    # option generate() was not given from them (here: every token but <pad> <s> </s> suppressed).
+    model.generation_config.suppress_tokens = list(range(3, len(tok)))
+    batch, texts = generate(model, tok, prompts, 4, max_new_tokens=6)
+    assert batch.completion_ids.shape[0] == 8 and len(texts) == 8
+    assert len(set(texts[:4])) > 1 and len(set(texts[4:])) > 1, texts
+    assert model.generation_config.suppress_tokens == list(range(3, len(tok)))
 
 
 def test_recompute_advantages():
