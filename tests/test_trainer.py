@@ -352,3 +352,21 @@ def test_fused_linear_path_matches_logits_path():
     assert abs(s1["is_weight_mean"] - s2["is_weight_mean"]) < 1e-5
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_stored_advantages_mode_and_lambda_scaling():
+    tok = build_char_tokenizer()
+    model = build_tiny_llama(len(tok), seed=8, tokenizer=tok)
+    fresh = _random_set(len(tok))
+    fresh.advantages = torch.zeros_like(fresh.advantages)
+    rep = _random_set(len(tok), T=4, P=2, seed=9, behavior=True)
+    kw = dict(LOSS_KW, loss_type="grpo")
+    update = PolicyUpdate(model, kw, "logits", "torch", None, None, 2.0, 1.0, advantages="stored")
+    model.zero_grad(set_to_none=True)
+    _, stats = update(fresh, rep)
+    assert torch.equal(stats["replay_advantages"], rep.advantages)
+    g1 = [p.grad.clone() for p in model.parameters()]
+    half_lambda = PolicyUpdate(model, kw, "logits", "torch", None, None, 2.0, 0.5, "stored")
+    half = _grads(model, half_lambda, fresh, rep)
+    for a, b in zip(g1, half):
+        torch.testing.assert_close(b, 0.5 * a, atol=1e-7, rtol=1e-5)
