@@ -14,7 +14,8 @@ timed benchmark of the run, never taken from a datasheet. An op's floor time is
 
 Other knobs: ``RERULE_BENCH_OUT`` (results folder, default bench/results), ``RERULE_BENCH_DEADLINE_S``
 (timing tests starting later than this after the session start are skipped and listed as such),
-``RERULE_BENCH_OPS`` / ``RERULE_BENCH_IMPLS`` (comma lists to restrict), ``RERULE_BENCH_COMPILE``
+``RERULE_BENCH_OPS`` / ``RERULE_BENCH_IMPLS`` (comma lists to restrict), ``RERULE_BENCH_DTYPE``
+(bfloat16 / float16 / float32 instead of the profile's), ``RERULE_BENCH_COMPILE``
 (0/1: time torch.compile of the reference; default on for gpu only, since inductor needs ~50 s per
 graph on this CPU), ``RERULE_BENCH_THREADS`` (CPU threads, default 1).
 """
@@ -22,6 +23,7 @@ graph on this CPU), ``RERULE_BENCH_THREADS`` (CPU threads, default 1).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -162,10 +164,18 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def profile() -> Profile:
     name = os.environ.get("RERULE_BENCH_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
     if name not in PROFILES:
         raise ValueError(f"RERULE_BENCH_PROFILE must be one of {sorted(PROFILES)}, got {name!r}")
+    dtype = os.environ.get("RERULE_BENCH_DTYPE")
+    if dtype:
+        if dtype not in DTYPES:
+            raise ValueError(f"RERULE_BENCH_DTYPE must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return dataclasses.replace(PROFILES[name], dtype=DTYPES[dtype])
     return PROFILES[name]
 
 

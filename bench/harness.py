@@ -150,7 +150,9 @@ def run_gate(op: Op, impl_name: str, case: Case):
         ("gate", op.name, gcase, prof.dtype),
         lambda: op.inputs(gcase, prof.dtype, dev, seed=1, padded=True),
     )
-    low = prof.dtype in (torch.bfloat16, torch.float16)
+    # ops without a low-precision baseline (advantages: rewards are fp32) are judged as fp32
+    dtype = prof.dtype if op.lo else torch.float32
+    low = dtype in (torch.bfloat16, torch.float16)
     refs = _one_slot(
         _REFS,
         (op.name, gcase, prof.dtype, need_grad),
@@ -163,9 +165,9 @@ def run_gate(op: Op, impl_name: str, case: Case):
     try:
         got = _run_outputs(op, impl.forward, inp, leaves, need_grad, impl.grads)
         sync(dev)
-        gate = judge(op.name, impl_name, gcase.as_dict(), prof.dtype, got, refs["hi"], refs["lo"])
+        gate = judge(op.name, impl_name, gcase.as_dict(), dtype, got, refs["hi"], refs["lo"])
     except Exception as err:  # a peer that crashes on valid input fails its gate, with the reason kept
-        gate = judge(op.name, impl_name, gcase.as_dict(), prof.dtype, {}, refs["hi"], refs["lo"])
+        gate = judge(op.name, impl_name, gcase.as_dict(), dtype, {}, refs["hi"], refs["lo"])
         gate.reason = f"raised {type(err).__name__}: {err}"[:500]
     del leaves
     gate.seconds = time.perf_counter() - t0

@@ -99,7 +99,9 @@ def markdown(data: dict) -> str:
         "2·N·V·bytes fwd+bwd; log-probs: 3·N·V·bytes fwd+bwd; fused-linear: 8·N·H·V FLOPs fwd+bwd; fwd: "
         "one read / 2·N·H·V). *× ours* = this row's time (memory) over our fastest impl's at the same "
         "shape and mode. Peak memory is above what was allocated before the call "
-        f"({'torch.cuda.max_memory_allocated' if data['device'] == 'cuda' else 'peak RSS'}).",
+        f"({'torch.cuda.max_memory_allocated' if data['device'] == 'cuda' else 'peak RSS'}). "
+        "*gate err*: the largest relative error of the impl's outputs and gradients against the "
+        "high-precision spec in the correctness gate.",
     ]
     for op, title in OP_TITLES.items():
         keyed = [(k, rs) for k, rs in groups(data["rows"]).items() if k[0] == op]
@@ -109,8 +111,9 @@ def markdown(data: dict) -> str:
             "",
             f"#### {title}",
             "",
-            "| shape | mode | impl | median ms | rate | roofline | peak MB | × ours time | × ours mem |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            "| shape | mode | impl | median ms | rate | roofline | peak MB | × ours time | × ours mem "
+            "| gate err |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for (_, shape, mode), rs in keyed:
             ours = best_ours(rs)
@@ -127,12 +130,17 @@ def markdown(data: dict) -> str:
                 lines.append(
                     f"| {shape} | {mode} | {name} | {_fmt(r['median_ms'])} | {_rate(r)} | "
                     f"{frac} | {_fmt(r.get('peak_over_inputs_mb'))} | "
-                    f"{t_ratio} | {m_ratio} |"
+                    f"{t_ratio} | {m_ratio} | {_gate_err(r)} |"
                 )
     notes = _notes(data)
     if notes:
         lines += ["", "Not timed:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _gate_err(r):
+    errs = [e for e in (r.get("gate_errors") or {}).values() if e is not None]
+    return f"{max(errs):.1e}" if errs else "–"
 
 
 def _notes(data):

@@ -36,6 +36,7 @@ def _row(op, impl, mode, ms, *, ours=False, N=8192, V=151936, H=0, frac=None, tf
         "roofline_frac": frac,
         "peak_over_inputs_mb": mem,
         "gate_passed": True,
+        "gate_errors": {"loss": 1e-7, "grad_logits": 2e-3},
     }
 
 
@@ -109,8 +110,10 @@ def test_report_table_chart_and_goals(tmp_path, capsys):
         "**L-torch**",
         "L-trl_eager",
     ]
-    assert loss_fb[1].split("|")[-3].strip() == "1.50" and loss_fb[3].split("|")[-3].strip() == "6.00"
-    assert loss_fb[1].split("|")[-2].strip() == "3.00"  # memory ratio 30 / 10
+    cells = [[c.strip() for c in ln.split("|")] for ln in loss_fb]
+    assert cells[1][-4] == "1.50" and cells[3][-4] == "6.00"  # time over ours
+    assert cells[1][-3] == "3.00"  # memory ratio 30 / 10
+    assert cells[0][-2] == "2.0e-03"  # the largest gate error
     assert "83.0%" in loss_fb[0]
     assert "trl: failed the correctness gate" in text and "torch.compile is off" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
