@@ -1,0 +1,528 @@
+"""The demo's report: summary numbers, a table, findings, ``report.json``, ``report.md`` and PNG plots.
+
+Everything here is a function of the metric history the demo collected (``rerule.demo.run_arms``),
+so it is tested on fake histories. A report dict holds::
+
+    settings, steps, step0 (evaluation after the warm start),
+    arms: {name: {history: [per-step trainer metrics], evals: [{step, forget_refusal_rate, ...}],
+                  compute: {...}, buffer_counters: {...}, overrides}}
+
+Definitions used in the table and the sweep:
+
+- final: the last evaluation of an arm;
+- steps to RULE's final boundary quality: the first evaluation step at which an arm's boundary
+  quality is >= the reference arm's (RULE's) final boundary quality; ``None`` if it never gets there
+  within the budget (the sweep plots those at budget + eval interval, marked as censored);
+- replay diagnostics: share of hybrid steps that drew no group (buffer starvation), mean importance
+  weight and ESS of the replayed tokens, share truncated at the cap, mean buffer age in steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from rerule.demo_plots import PLOTS, plot_report, plot_sweep
+
+# Evaluation keys (rerule.eval.synthetic), with a label and whether higher is better.
+ARM_EVAL_KEYS = {
+    "forget_refusal_rate": ("forget refusal", True),
+    "forget_leak": ("forget leak", False),
+    "boundary_quality": ("boundary quality", True),
+    "boundary_over_refusal": ("boundary over-refusal", False),
+    "retain_quality": ("retain quality", True),
+    "retain_refusal_rate": ("retain refusal", False),
+}
+# Per-step trainer metrics the report keeps as curves.
+STEP_CURVES = (
+    "grad_norm",
+    "forget_refusal_rate",
+    "boundary_reward",
+    "forget_reward",
+    "flat_group_frac",
+    "buffer_size",
+    "replay_groups",
+    "is_weight_mean",
+    "is_ess",
+    "is_truncated_frac",
+    "buffer_age_mean",
+    "time_step_s",
+    "generated_tokens",
+    "train_tokens",
+)
+REFERENCE_ARM = "RULE"
+STANDARD_ARMS = ("RULE", "RULE+prio", "ReRULE", "ReRULE+prio")
+# Differences in final quality smaller than this are reported as "no clear difference" on one seed.
+NOISE = 0.02
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else None
+
+
+def steps_to_reach(evals: list[dict], target: float, key: str = "boundary_quality") -> int | None:
+    """First evaluation step whose ``key`` is >= ``target`` (None if none is)."""
+    for e in evals:
+        if e.get(key) is not None and e[key] >= target - 1e-9:
+            return int(e["step"])
+    return None
+
+
+def steps_to_point(evals: list[dict], forget: float, boundary: float) -> int | None:
+    """First evaluation step with forget refusal >= ``forget`` and boundary quality >= ``boundary``:
+    when an arm first matches the reference arm's final operating point on both axes (None: never)."""
+    for e in evals:
+        f, b = e.get("forget_refusal_rate"), e.get("boundary_quality")
+        if f is not None and b is not None and f >= forget - 1e-9 and b >= boundary - 1e-9:
+            return int(e["step"])
+    return None
+
+
+def curve(history: list[dict], key: str) -> list:
+    """[[step, value], ...] of a per-step metric (None values kept, JSON has null)."""
+    return [[m["step"], m.get(key)] for m in history]
+
+
+def replay_diagnostics(result: dict, staleness: int | None = None) -> dict:
+    """Why replay did or did not matter: starvation, importance weights, staleness, admissions."""
+    hist = result["history"]
+    hybrid = [m for m in hist if m.get("stage") == "hybrid"]
+    replayed = [m for m in hybrid if m.get("replay_groups")]
+    return {
+        "hybrid_steps": len(hybrid),
+        "starved_frac": (1 - len(replayed) / len(hybrid)) if hybrid else None,
+        "replay_groups_total": sum(m.get("replay_groups") or 0 for m in hist),
+        "replay_forget_groups_total": sum(m.get("replay_forget_groups") or 0 for m in hist),
+        "buffer_size_mean": _mean(m.get("buffer_size") for m in hist),
+        "buffer_size_max": max((m.get("buffer_size") or 0 for m in hist), default=0),
+        "is_weight_mean": _mean(m.get("is_weight_mean") for m in replayed),
+        "is_weight_max": max((m.get("is_weight_max") or 0.0 for m in replayed), default=None),
+        "is_ess_mean": _mean(m.get("is_ess") for m in replayed),
+        "is_ess_min": min((m["is_ess"] for m in replayed if m.get("is_ess") is not None), default=None),
+        "is_truncated_frac": _mean(m.get("is_truncated_frac") for m in replayed),
+        "buffer_age_mean": _mean(m.get("buffer_age_mean") for m in hist),
+        "staleness_limit": staleness,
+        "flat_group_frac": _mean(m.get("flat_group_frac") for m in hist),
+        # grad_clip rescales the summed gradient: when the replay term's norm is far above the fresh
+        # one's, the clipped update is mostly replay.
+        "grad_norm_on_policy": _mean(m.get("grad_norm") for m in hist if not m.get("replay_groups")),
+        "grad_norm_with_replay": _mean(m.get("grad_norm") for m in replayed),
+        "counters": result.get("buffer_counters", {}),
+    }
+
+
+def forget_dips(evals: list[dict], tol: float = 0.1) -> list[dict]:
+    """Drops of forget refusal by more than ``tol`` from its running maximum (and where it ended)."""
+    out, best = [], None
+    for e in evals:
+        v = e.get("forget_refusal_rate")
+        if v is None:
+            continue
+        if best is not None and v < best - tol:
+            out.append(
+                {"step": e["step"], "from": best, "to": v, "final": evals[-1].get("forget_refusal_rate")}
+            )
+        best = v if best is None else max(best, v)
+    return out
+
+
+def summarize(report: dict) -> dict:
+    """Per-arm finals, gains against RULE, compute, replay diagnostics, a table and findings."""
+    arms = report["arms"]
+    ref = REFERENCE_ARM if REFERENCE_ARM in arms else next(iter(arms))
+    ref_final = arms[ref]["evals"][-1]["boundary_quality"]
+    ref_forget = arms[ref]["evals"][-1]["forget_refusal_rate"]
+    staleness = report.get("settings", {}).get("train", {}).get("replay", {}).get("staleness")
+    out = {
+        "reference_arm": ref,
+        "reference_final_boundary_quality": ref_final,
+        "reference_final_forget_refusal": ref_forget,
+        "arms": {},
+    }
+    for name, r in arms.items():
+        final = {k: r["evals"][-1].get(k) for k in ARM_EVAL_KEYS}
+        comp = dict(r["compute"])
+        comp["wall_s_per_step"] = comp["step_wall_s"] / max(comp["steps"], 1)
+        out["arms"][name] = {
+            "final": final,
+            "boundary_quality_gain": None
+            if final["boundary_quality"] is None
+            else final["boundary_quality"] - ref_final,
+            "steps_to_reference_final_bq": steps_to_reach(r["evals"], ref_final),
+            "steps_to_reference_final_point": steps_to_point(r["evals"], ref_forget, ref_final),
+            "best_boundary_quality": max((e["boundary_quality"] for e in r["evals"]), default=None),
+            "compute": comp,
+            "replay": replay_diagnostics(r, staleness),
+            "beta": _arm_setting(report, name, "loss.beta"),
+            "grad_clip": _arm_setting(report, name, "optim.grad_clip"),
+            "forget_dips": forget_dips(r["evals"]),
+        }
+    out["table_rows"] = table_rows(out)
+    out["table_text"] = format_table(out["table_rows"])
+    out["table_md"] = format_table(out["table_rows"], markdown=True)
+    out["findings"] = findings(out, report)
+    return out
+
+
+TABLE_COLUMNS = (
+    "arm",
+    "forget refusal",
+    "forget leak",
+    "boundary quality",
+    "boundary over-refusal",
+    "retain quality",
+    "steps to RULE's final BQ",
+    "steps to RULE's final F&BQ",
+    "mean buffer",
+    "mean w",
+    "generated tokens",
+    "train tokens",
+    "wall s/step",
+)
+
+
+def _fmt(v, digits=2):
+    if v is None:
+        return "-"
+    if isinstance(v, (int, np.integer)):
+        return f"{v:,}"
+    return f"{v:.{digits}f}"
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for name, a in summary["arms"].items():
+        f, c, rp = a["final"], a["compute"], a["replay"]
+        reach, point = a["steps_to_reference_final_bq"], a["steps_to_reference_final_point"]
+        rows.append(
+            [
+                name,
+                _fmt(f["forget_refusal_rate"]),
+                _fmt(f["forget_leak"]),
+                _fmt(f["boundary_quality"]),
+                _fmt(f["boundary_over_refusal"]),
+                _fmt(f["retain_quality"]),
+                "never" if reach is None else str(reach),
+                "never" if point is None else str(point),
+                _fmt(rp["buffer_size_mean"], 1),
+                _fmt(rp["is_weight_mean"]),
+                _fmt(int(c["generated_tokens"])),
+                _fmt(int(c["train_tokens"])),
+                _fmt(c["wall_s_per_step"]),
+            ]
+        )
+    return rows
+
+
+def format_table(rows: list[list[str]], columns=TABLE_COLUMNS, markdown: bool = False) -> str:
+    """A plain-text (aligned) or markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(c)), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join(
+        [fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
+    )
+
+
+def _diff_line(summary, a, b) -> str | None:
+    if a not in summary["arms"] or b not in summary["arms"]:
+        return None
+    fa, fb = summary["arms"][a]["final"], summary["arms"][b]["final"]
+    d = fa["boundary_quality"] - fb["boundary_quality"]
+    verdict = "no clear difference" if abs(d) < NOISE else ("higher" if d > 0 else "lower")
+    return (
+        f"{a} vs {b}: final boundary quality {fa['boundary_quality']:.3f} vs {fb['boundary_quality']:.3f} "
+        f"({d:+.3f}, {verdict}); forget refusal {fa['forget_refusal_rate']:.2f} vs "
+        f"{fb['forget_refusal_rate']:.2f}; retain quality {fa['retain_quality']:.2f} vs "
+        f"{fb['retain_quality']:.2f}"
+    )
+
+
+def findings(summary: dict, report: dict) -> list[str]:
+    """Plain statements of what was measured, and, where replay did not help, the measured reasons."""
+    lines = []
+    step0 = report.get("step0")
+    if step0:
+        lines.append(
+            f"after the warm start (step 0): forget refusal {step0['forget_refusal_rate']:.2f}, boundary "
+            f"quality {step0['boundary_quality']:.3f}, retain quality {step0['retain_quality']:.3f}"
+        )
+    for a, b in (
+        ("ReRULE", "RULE"),
+        ("RULE+prio", "RULE"),
+        ("ReRULE", "RULE+prio"),
+        ("ReRULE+prio", "RULE+prio"),
+        ("ReRULE+prio", "RULE"),
+    ):
+        line = _diff_line(summary, a, b)
+        if line:
+            lines.append(line)
+    # Diagnostic arms (rerule demo --diagnose) against their on-policy twin.
+    for name in summary["arms"]:
+        twin = _twin(summary, name)
+        if name not in STANDARD_ARMS and twin is not None:
+            lines.append(_diff_line(summary, name, twin))
+    for name, a in summary["arms"].items():
+        rp = a["replay"]
+        if rp["hybrid_steps"]:
+            lines.append(f"{name} replay: " + _replay_line(rp))
+            lines.extend(f"{name}: {why}" for why in replay_verdict(summary, name))
+        for d in a["forget_dips"][:3]:
+            lines.append(
+                f"{name}: forget refusal dipped from {d['from']:.2f} to {d['to']:.2f} at step {d['step']} "
+                f"(final {d['final']:.2f})"
+            )
+    return lines
+
+
+def _replay_line(rp: dict) -> str:
+    c = rp["counters"]
+    return (
+        f"{rp['replay_groups_total']} groups replayed ({rp['replay_forget_groups_total']} forget) over "
+        f"{rp['hybrid_steps']} hybrid steps; nothing to replay on {100 * rp['starved_frac']:.0f}% of them; "
+        f"buffer mean {_fmt(rp['buffer_size_mean'], 1)} (max {rp['buffer_size_max']}), mean age "
+        f"{_fmt(rp['buffer_age_mean'], 1)} steps (limit {rp['staleness_limit']}); "
+        f"mean w {_fmt(rp['is_weight_mean'])}, ESS {_fmt(rp['is_ess_mean'])} (min {_fmt(rp['is_ess_min'])}), "
+        f"truncated {_fmt(rp['is_truncated_frac'])}; grad norm {_fmt(rp['grad_norm_with_replay'])} on steps "
+        f"that replay vs {_fmt(rp['grad_norm_on_policy'])} on those that do not; "
+        f"offers: admitted {c.get('admitted', 0)}, flat {c.get('flat', 0)}, "
+        f"above threshold {c.get('above_threshold', 0)}; "
+        f"evicted solved {c.get('evicted_solved', 0)}, stale {c.get('evicted_stale', 0)}, "
+        f"reused-out {c.get('evicted_reuse', 0)}"
+    )
+
+
+def _arm_setting(report: dict, arm: str, dotted: str):
+    """An arm's effective train setting: its override, else the shared ``train`` section's value."""
+    over = (report.get("arms", {}).get(arm) or {}).get("overrides") or {}
+    if dotted in over:
+        return over[dotted]
+    node = report.get("settings", {}).get("train", {})
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _twin(summary: dict, name: str) -> str | None:
+    """The on-policy arm a replay arm is judged against: its name with ReRULE -> RULE when that arm
+    exists (ReRULE+prio -> RULE+prio, ReRULE-beta0 -> RULE-beta0), else RULE."""
+    for twin in (name.replace("ReRULE", "RULE", 1), REFERENCE_ARM):
+        if twin != name and twin in summary["arms"]:
+            return twin
+    return None
+
+
+def replay_verdict(summary: dict, name: str) -> list[str]:
+    """Whether a replay arm is ahead of its on-policy twin (RULE, or RULE+prio for a +prio arm) on
+    boundary quality without forgetting less; if it is not, the measured reasons that fit."""
+    twin = _twin(summary, name)
+    if twin is None:
+        return []
+    me, other = summary["arms"][name]["final"], summary["arms"][twin]["final"]
+    gain = me["boundary_quality"] - other["boundary_quality"]
+    d_forget = me["forget_refusal_rate"] - other["forget_refusal_rate"]
+    if gain >= NOISE and d_forget >= -NOISE:
+        return [f"replay is ahead of {twin} by {gain:+.3f} boundary quality (forget refusal {d_forget:+.2f})"]
+    if gain >= NOISE:
+        return [
+            f"higher boundary quality than {twin} ({gain:+.3f}) but less forgetting ({d_forget:+.2f}): "
+            "another point on the trade-off, not a gain"
+        ]
+    a = summary["arms"][name]
+    rp, out = a["replay"], []
+    if rp["starved_frac"] is not None and rp["starved_frac"] > 0.5:
+        out.append("buffer starvation: most hybrid steps had nothing to replay")
+    c = rp["counters"]
+    if c.get("flat", 0) > 2 * max(c.get("admitted", 0), 1):
+        out.append(
+            f"most low-reward groups were flat (all rewards equal: {c.get('flat')} flat vs "
+            f"{c.get('admitted')} admitted), so there was little to store"
+        )
+    if rp["is_ess_mean"] is not None and rp["is_ess_mean"] < 0.5:
+        out.append(f"importance weights collapsed (mean ESS {rp['is_ess_mean']:.2f})")
+    if rp["is_weight_mean"] is not None and rp["is_weight_mean"] < 0.5:
+        out.append(
+            f"replayed tokens are unlikely under the current policy (mean w {rp['is_weight_mean']:.2f})"
+        )
+    lim = rp["staleness_limit"]
+    if lim and rp["buffer_age_mean"] is not None and rp["buffer_age_mean"] > lim / 2:
+        out.append(f"stale groups: mean buffer age {rp['buffer_age_mean']:.1f} of a {lim}-step limit")
+    g_rep, g_on, clip = rp["grad_norm_with_replay"], rp["grad_norm_on_policy"], a.get("grad_clip")
+    if g_rep is not None and g_on and g_rep > 5 * g_on and (clip is None or g_rep > clip):
+        why = (
+            f"the replay term dominated the update: gradient norm {g_rep:.1f} on replay steps vs "
+            f"{g_on:.2f} without replay"
+        )
+        if clip:
+            why += f", so clipping at {clip:g} shrank the on-policy part about {g_rep / clip:.0f}x"
+        if a.get("beta"):
+            why += (
+                f"; with the KL term on (beta {a['beta']:g}) the k3 gradient on replayed tokens, "
+                "exp(ref - logp), is unbounded for tokens the policy has moved away from"
+            )
+        out.append(why)
+    if not out:
+        out.append(
+            "none of starvation, IS collapse, staleness or gradient dominance stands out; the replayed "
+            "signal was simply not needed or too small at this size"
+        )
+    return [f"not ahead of {twin} ({gain:+.3f} boundary quality); measured: " + "; ".join(out)]
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def report_markdown(report: dict) -> str:
+    """report.md: settings in brief, the table, findings, compute and the plots."""
+    s = report["summary"]
+    pre = report.get("world", {}).get("pretrain", {})
+    lines = [f"# rerule demo report ({report.get('kind', 'tiny')})", ""]
+    w = report.get("settings", {}).get("world", {})
+    took = "loaded from the cache" if pre.get("cached") else f"{_fmt(pre.get('time_s'), 0)} s"
+    lines += [
+        f"World: {w}. Pre-trained exact-match accuracy on the world's questions: "
+        f"{_fmt(pre.get('accuracy'), 3)} after {pre.get('epochs')} epochs ({took}).",
+        f"Every arm: {report.get('steps')} RL steps, seed {report.get('seed')}, from the same warm-started "
+        f"model; reference arm for gains: {s['reference_arm']}.",
+        "",
+    ]
+    lines += ["## Final evaluation (greedy) and compute", "", s["table_md"], ""]
+    lines += ["## Findings (measured)", ""] + [f"- {x}" for x in s["findings"]] + [""]
+    lines += [
+        "## Compute per arm",
+        "",
+        "| arm | steps | generated tokens | train tokens | step wall s | "
+        "rollout s | update s | eval s | total wall s | total CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in s["arms"].items():
+        c = a["compute"]
+        lines.append(
+            f"| {name} | {c['steps']} | {c['generated_tokens']:,} | {c['train_tokens']:,} | "
+            f"{c['step_wall_s']:.1f} | {c['rollout_wall_s']:.1f} | {c['update_wall_s']:.1f} | "
+            f"{c['eval_wall_s']:.1f} | {c['total_wall_s']:.1f} | {c['total_cpu_s']:.1f} |"
+        )
+    t = report.get("timing", {})
+    lines += ["", f"Demo wall time: {_fmt(t.get('total_wall_s'), 0)} s.", "", "## Plots", ""]
+    lines += [f"![{p}]({p})" for p in PLOTS]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """Write report.json (with every curve), report.md and the plots into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["curves"] = {
+        name: {
+            "eval": {k: [[e["step"], e.get(k)] for e in r["evals"]] for k in ARM_EVAL_KEYS},
+            "step": {k: curve(r["history"], k) for k in STEP_CURVES},
+        }
+        for name, r in report["arms"].items()
+    }
+    paths = plot_report(report, out_dir)
+    (out_dir / "report.md").write_text(report_markdown(report))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    return [out_dir / "report.json", out_dir / "report.md", *paths]
+
+
+def _steps_cell(st: dict, key: str) -> str:
+    never = st[f"{key}_never"]
+    return f"{st[key][0]:.1f} ± {st[key][1]:.1f}" + (f" ({never} never)" if never else "")
+
+
+def sweep_summary(report: dict) -> dict:
+    """Per hardness and arm, mean and standard error over seeds of: final boundary quality, its gain
+    over RULE, final forget refusal, steps to RULE's final boundary quality and steps to RULE's final
+    (forget refusal, boundary quality) point, both censored at budget + eval interval ("never")."""
+    cells = report["cells"]
+    every = report["settings"].get("sweep", {}).get("eval_every") or report["settings"]["eval"]["every"]
+    by: dict = {}
+    for c in cells:
+        cap = c["steps"] + every
+        for arm, a in c["summary"]["arms"].items():
+            d = by.setdefault((c["hardness"], arm), {k: [] for k in ("bq", "gain", "fr", "reach", "point")})
+            d["bq"].append(a["final"]["boundary_quality"])
+            d["gain"].append(a["boundary_quality_gain"])
+            d["fr"].append(a["final"]["forget_refusal_rate"])
+            for key, name in (
+                ("reach", "steps_to_reference_final_bq"),
+                ("point", "steps_to_reference_final_point"),
+            ):
+                d[key].append(a[name])
+
+    def ms(xs):
+        xs = np.asarray(xs, dtype=float)
+        return float(xs.mean()), float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0
+
+    stats, rows = {}, []
+    for (h, arm), d in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        cap = next(c["steps"] for c in cells if c["hardness"] == h) + every
+        st = {k: ms(d[k]) for k in ("bq", "gain", "fr")}
+        for key in ("reach", "point"):
+            st[key] = ms([cap if x is None else x for x in d[key]])
+            st[f"{key}_never"] = sum(x is None for x in d[key])
+        st["n"] = len(d["bq"])
+        stats.setdefault(str(h), {})[arm] = st
+
+        rows.append(
+            [
+                str(h),
+                arm,
+                f"{st['bq'][0]:.3f} ± {st['bq'][1]:.3f}",
+                f"{st['gain'][0]:+.3f} ± {st['gain'][1]:.3f}",
+                f"{st['fr'][0]:.2f} ± {st['fr'][1]:.2f}",
+                _steps_cell(st, "reach"),
+                _steps_cell(st, "point"),
+                str(st["n"]),
+            ]
+        )
+    cols = (
+        "hardness",
+        "arm",
+        "final boundary quality",
+        "gain vs RULE",
+        "final forget refusal",
+        "steps to RULE's final BQ",
+        "steps to RULE's final F&BQ",
+        "seeds",
+    )
+    return {
+        "stats": stats,
+        "table_text": format_table(rows, cols),
+        "table_md": format_table(rows, cols, markdown=True),
+        "columns": cols,
+        "rows": rows,
+    }
+
+
+def write_sweep_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """sweep.json (every cell's curves and summary), sweep.md and sweep_gain.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_sweep(report, out_dir)
+    s = report["summary"]
+    md = [
+        "# rerule demo sweep",
+        "",
+        f"Hardness {report['settings']['sweep']['hardness']} x seeds "
+        f"{report['settings']['sweep']['seeds']}; wall time {report['timing']['total_wall_s']:.0f} s.",
+        "",
+        s["table_md"],
+        "",
+        f"![sweep]({png.name})",
+        "",
+    ]
+    (out_dir / "sweep.md").write_text("\n".join(md))
+    (out_dir / "sweep.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    return [out_dir / "sweep.json", out_dir / "sweep.md", png]
