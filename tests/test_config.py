@@ -38,9 +38,11 @@ def test_yaml_and_overrides(tmp_path):
     assert TrainConfig.from_dict(c2.to_dict()) == c2
 
 
-def test_shipped_default_config_loads():
+def test_shipped_configs_load():
     c = TrainConfig.from_yaml(DEFAULT_YAML)
-    assert c.rollout.group_size == 8 and c.replay.enabled
+    assert c.rollout.group_size == 8 and c.replay.enabled and c.loss.beta == 1e-2
+    tiny = TrainConfig.from_yaml("rerule/configs/tiny_synthetic.yaml")
+    assert tiny.model.name_or_path == "tiny" and tiny.task.name == "synthetic"
 
 
 @pytest.mark.parametrize(
