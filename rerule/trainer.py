@@ -128,7 +128,8 @@ class Trainer:
             log.warning("--resume: no checkpoint under %s, starting from scratch", self.ckpt_dir)
 
         if model is None:
-            corpus = self.task.corpus() if hasattr(self.task, "corpus") else None
+            bpe = c.model.name_or_path == "tiny" and c.model.tiny.tokenizer == "bpe"
+            corpus = self.task.corpus() if bpe and hasattr(self.task, "corpus") else None
             model, tokenizer, self.model_info = load_model(c.model, self.device, corpus=corpus, seed=c.seed)
         else:
             disable_dropout(model)
@@ -185,18 +186,21 @@ class Trainer:
     def _rng_scope(self):
         """Run with the trainer's own torch RNG (generate samples from the global one), so two trainers
         in one process (the demo's arms) do not perturb each other and a checkpoint restores it exactly."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        cuda = self.device.type == "cuda"
+        index = None
+        if cuda:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index] if cuda else []):
             if self._rng is None:
                 torch.manual_seed(self.config.seed)
             else:
                 torch.set_rng_state(self._rng["cpu"])
-                if devices:
-                    torch.cuda.set_rng_state(self._rng["cuda"], self.device)
+                if cuda:
+                    torch.cuda.set_rng_state(self._rng["cuda"], index)
             yield
             self._rng = {"cpu": torch.get_rng_state()}
-            if devices:
-                self._rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            if cuda:
+                self._rng["cuda"] = torch.cuda.get_rng_state(index)
 
     def _loss_impl(self) -> str:
         want = self.config.loss.loss_impl

@@ -370,3 +370,17 @@ def test_stored_advantages_mode_and_lambda_scaling():
     half = _grads(model, half_lambda, fresh, rep)
     for a, b in zip(g1, half):
         torch.testing.assert_close(b, 0.5 * a, atol=1e-7, rtol=1e-5)
+
+
+def test_tokenizers_round_trip_and_bpe_is_deterministic():
+    from rerule.model import build_bpe_tokenizer
+
+    text = "Question: Where was Mira Tolvane born?\nAnswer: Velmora."
+    char = build_char_tokenizer()
+    assert char.decode(char(text, add_special_tokens=False)["input_ids"]) == text
+    assert char(text)["input_ids"][0] == char.bos_token_id
+    corpus = "\n".join([text, "Question: What does Mira Tolvane do?\nAnswer: a novelist."] * 20)
+    a, b = build_bpe_tokenizer(corpus, 300), build_bpe_tokenizer(corpus, 300)
+    assert a.get_vocab() == b.get_vocab() and len(a) <= 300
+    ids = a(text, add_special_tokens=False)["input_ids"]
+    assert a.decode(ids) == text and len(ids) < len(text) / 2
