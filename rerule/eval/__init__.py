@@ -10,35 +10,31 @@ Example:
 
 from __future__ import annotations
 
-from rerule.data.schema import UnlearningTask
-from rerule.eval.metrics import (
-    TOFU_UTILITY_KEYS,
-    RougeL,
-    forget_quality,
-    mia_auc,
-    min_k_prob,
-    model_utility,
-    privleak,
-    rouge_l,
-    truth_ratio,
-    truth_ratio_stat,
-)
-from rerule.eval.model_io import answer_logprobs, generate_greedy, mean_logprob
-from rerule.eval.muse import evaluate_muse
-from rerule.eval.refusal import REFUSAL_PATTERNS, is_refusal, refusal_rate
-from rerule.eval.rwku import evaluate_rwku
-from rerule.eval.synthetic import evaluate_synthetic
-from rerule.eval.tofu import evaluate_tofu
+import importlib
 
-EVALUATORS = {
-    "tofu": evaluate_tofu,
-    "muse": evaluate_muse,
-    "rwku": evaluate_rwku,
-    "synthetic": evaluate_synthetic,
+# Lazy exports (PEP 562): `import rerule.eval.refusal` (the trainer's reward path) must not pay for
+# scipy, transformers and the evaluators.
+_EXPORTS = {
+    "TOFU_UTILITY_KEYS": "metrics", "RougeL": "metrics", "forget_quality": "metrics", "mia_auc": "metrics",
+    "min_k_prob": "metrics", "model_utility": "metrics", "privleak": "metrics", "rouge_l": "metrics",
+    "truth_ratio": "metrics", "truth_ratio_stat": "metrics",
+    "answer_logprobs": "model_io", "generate_greedy": "model_io", "mean_logprob": "model_io",
+    "evaluate_muse": "muse", "evaluate_rwku": "rwku", "evaluate_synthetic": "synthetic", "evaluate_tofu": "tofu",
+    "REFUSAL_PATTERNS": "refusal", "is_refusal": "refusal", "refusal_rate": "refusal",
 }
+_EVALUATOR_NAMES = {"tofu": "evaluate_tofu", "muse": "evaluate_muse", "rwku": "evaluate_rwku",
+                    "synthetic": "evaluate_synthetic"}
 
 
-def evaluate(model, tokenizer, task: UnlearningTask, **kwargs):
+def __getattr__(name):
+    if name == "EVALUATORS":
+        return {bench: __getattr__(fn) for bench, fn in _EVALUATOR_NAMES.items()}
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def evaluate(model, tokenizer, task, **kwargs):
     """Run the evaluator of ``task``'s benchmark (``task.meta["benchmark"]``).
 
     ``kwargs`` go to ``evaluate_tofu`` / ``evaluate_muse`` / ``evaluate_rwku``
@@ -46,9 +42,9 @@ def evaluate(model, tokenizer, task: UnlearningTask, **kwargs):
     ``max_new_tokens``, ``progress`` and ``return_samples``.
     """
     bench = task.meta.get("benchmark")
-    if bench not in EVALUATORS:
-        raise ValueError(f"task.meta['benchmark'] must be one of {list(EVALUATORS)}, got {bench!r}")
-    return EVALUATORS[bench](model, tokenizer, task, **kwargs)
+    if bench not in _EVALUATOR_NAMES:
+        raise ValueError(f"task.meta['benchmark'] must be one of {list(_EVALUATOR_NAMES)}, got {bench!r}")
+    return __getattr__(_EVALUATOR_NAMES[bench])(model, tokenizer, task, **kwargs)
 
 
 __all__ = [
