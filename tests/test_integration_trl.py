@@ -8,8 +8,6 @@ turns it off; test_parity_with_trl runs both."""
 from __future__ import annotations
 
 import random
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -450,14 +448,4 @@ def test_mix_replay_pads_and_recomputes(model_dir, tmp_path):
         1.0, abs=1e-4
     )
 
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
-DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
-
-
-@pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
-def test_docs_examples_run(index, tmp_path, monkeypatch):
-    """docs/integrations.md (the README section on TRL / verl / OpenRLHF) runs as written."""
-    monkeypatch.chdir(tmp_path)
-    code = compile(DOC_BLOCKS[index], f"docs/integrations.md[python block {index}]", "exec")
-    exec(code, {"__name__": "__doc__"})
+# The README section "Using rerule inside TRL / verl / OpenRLHF" runs in tests/test_readme.py.

@@ -8,5 +8,5 @@
 
 Each submodule is imported on its own, so ``import rerule.integrations`` pulls in none of the
 frameworks. Parity with each framework's own loss is what the tests in ``tests/test_integration_*``
-check; docs/integrations.md shows how to use each one.
+check; the README's "Using rerule inside TRL / verl / OpenRLHF" shows how to use each one.
 """
