@@ -283,7 +283,9 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_ent):
         if ctx.consumed:
-            raise RuntimeError("the fused-linear GRPO loss keeps one set of gradients: backward can run once per forward")
+            raise RuntimeError(
+                "the fused-linear GRPO loss keeps one set of gradients: backward can run once per forward"
+            )
         ctx.consumed = True
         # The stored gradients are ours: scale them in place rather than allocate a second grad_W.
         grads = tuple(None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in ctx.saved_tensors)

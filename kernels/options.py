@@ -60,11 +60,15 @@ class LossOptions:
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.epsilon_low >= 1:
-            raise ValueError(f"epsilon_low must be < 1 (the clip range is [1 - eps_low, 1 + eps_high]), got {self.epsilon_low}")
+            raise ValueError(
+                f"epsilon_low must be < 1 (the clip range is [1 - eps_low, 1 + eps_high]), got {self.epsilon_low}"
+            )
         if self.dual_clip is not None:
             positive("dual_clip", self.dual_clip)
             if self.dual_clip <= 1:
-                raise ValueError(f"dual_clip must be > 1 (it bounds the surrogate at c*A for A < 0), got {self.dual_clip}")
+                raise ValueError(
+                    f"dual_clip must be > 1 (it bounds the surrogate at c*A for A < 0), got {self.dual_clip}"
+                )
         if not isinstance(self.bias_correction_kl, bool):
             raise TypeError(f"bias_correction_kl must be a bool, got {type(self.bias_correction_kl).__name__}")
         if self.loss_type not in LOSS_TYPES:

@@ -87,12 +87,12 @@ def grpo_loss_reference(
     old_logps: torch.Tensor | None = None,
     behavior_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
-    options: LossOptions = LossOptions(),
+    options: LossOptions | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss by autograd. Returns (loss, logps, entropy, metrics); logps/entropy are detached."""
-    o = options
+    o = LossOptions() if options is None else options
     logp_all, entropy = token_logps_reference(logits, completion_ids, o.temperature)
     dtype = logp_all.dtype
     mask = completion_mask.to(dtype)

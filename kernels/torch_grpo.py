@@ -136,7 +136,7 @@ def grpo_fwd(
         if return_entropy:
             ent[r] = c_ent
         if fused_loss:
-            take = lambda t: None if t is None else t.reshape(-1).index_select(0, r).to(torch.float32)
+            take = lambda t, r=r: None if t is None else t.reshape(-1).index_select(0, r).to(torch.float32)
             c_loss, c_g = token_terms(
                 c_logp, adv.index_select(0, r // T), take(rw), o, old=take(old), behavior=take(beh),
                 ref=take(ref) if o.beta != 0.0 else None,

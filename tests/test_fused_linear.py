@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import rerule.kernels.fused_linear as fl
-from rerule import fused_linear_grpo_loss, grpo_loss
+import torch
 from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
+
+from rerule import fused_linear_grpo_loss, grpo_loss
 
 OPTION_KEYS = ("temperature", "epsilon_low", "epsilon_high", "delta", "dual_clip", "beta", "loss_type",
                "importance_sampling_level", "is_cap", "bias_correction_kl")
@@ -30,7 +30,8 @@ def make_case(B=4, T=9, H=33, V=1007, *, seed=0, dtype=torch.float32, bias=True,
     if masked_row and B > 1:
         mask[1] = 0
     c = dict(hidden=hidden.to(dtype), weight=weight.to(dtype), bias=None if b is None else b.to(dtype),
-             completion_ids=ids, completion_mask=mask, advantages=torch.randn(B, generator=g, dtype=torch.float64).float())
+             completion_ids=ids, completion_mask=mask,
+             advantages=torch.randn(B, generator=g, dtype=torch.float64).float())
     logits = c["hidden"].double() @ c["weight"].double().T + (0 if b is None else c["bias"].double())
     cur = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
     if old:
@@ -276,7 +277,7 @@ def test_grad_weight_accumulates_in_fp32_over_many_chunks():
 def test_mixed_precision_gemm_branch_emulated(addmm_acc, monkeypatch):
     """The CUDA bf16 branch (mm with out_dtype=fp32, dx rounded to bf16 for the gradient GEMMs) has no
     CPU kernel; emulate those two torch ops exactly (bf16 operands, fp32 products) to run its plumbing."""
-    orig_mm, orig_addmm = torch.mm, torch.addmm
+    orig_mm = torch.mm
 
     def mm(a, b, *, out_dtype=None, out=None):
         if out_dtype is None:
@@ -334,7 +335,8 @@ def _bad(**kw):
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(weight=torch.randn(20, 9)), ValueError, "weight must be \\[V, H\\] with H = hidden.shape\\[-1\\] = 8"),
     (dict(bias=torch.randn(21)), ValueError, "bias must have shape"),
-    (dict(hidden=torch.randn(2, 3, 8, dtype=torch.bfloat16)), TypeError, "weight dtype torch.float32 differs from hidden"),
+    (dict(hidden=torch.randn(2, 3, 8, dtype=torch.bfloat16)), TypeError,
+     "weight dtype torch.float32 differs from hidden"),
     (dict(bias=torch.randn(20, dtype=torch.float64)), TypeError, "bias dtype"),
     (dict(hidden=torch.randn(6, 8)), ValueError, "hidden must have 3 dims"),
     (dict(weight=torch.ones(20, 8, dtype=torch.int64)), TypeError, "weight must be a floating-point"),
