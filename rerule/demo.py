@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from rerule.demo_report import ARM_EVAL_KEYS, summarize, sweep_summary, write_report, write_sweep_report
+from rerule.demo_report import ARM_EVAL_KEYS, summarize, write_report
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 KINDS = ("tiny", "smollm2")
@@ -54,9 +54,7 @@ def _set_dotted(data: dict, key: str, value) -> None:
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (extra or {}).items():
-        out[k] = (
-            _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-        )
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -161,9 +159,7 @@ def warm_start(world, cfg) -> dict:
     return {**stats, "time_s": time.perf_counter() - t0}
 
 
-def run_arm(
-    world, settings: dict, arm: str, out_dir: Path, *, kind="tiny", seed=None, steps=None, quiet=False
-) -> dict:
+def run_arm(world, settings: dict, arm: str, out_dir: Path, *, kind="tiny", seed=None, steps=None, quiet=False) -> dict:
     """Train one arm from a copy of the warm-started model. Returns its history, evaluations, compute."""
     from rerule.trainer import Trainer
 
@@ -250,39 +246,36 @@ def run_arms(
     for arm in arms or list(settings["arms"]):
         if not quiet:
             _say(f"arm {arm}: {settings['arms'][arm]}")
-        r = run_arm(
-            world, settings, arm, out_dir / "arms" / arm, kind=kind, seed=seed, steps=steps, quiet=quiet
-        )
+        r = run_arm(world, settings, arm, out_dir / "arms" / arm, kind=kind, seed=seed, steps=steps, quiet=quiet)
         r["evals"].insert(0, dict(step0))
         results[arm] = r
     return {"warm_start": ws, "step0": step0, "arms": results, "steps": cfg0.steps, "seed": cfg0.seed}
 
 
-def estimate_smollm2(world, settings: dict) -> dict:
-    """A rough time estimate for the smollm2 demo, from one timed forward/backward of a training batch."""
-    import torch
+def estimate_smollm2(model, tokenizer, task, settings: dict, finetune: bool = True) -> dict:
+    """A rough time estimate for the smollm2 demo, from one timed forward/backward of a training batch.
 
-    from rerule.demo_world import _batch, qa_examples
+    Fine-tuning: ``max_epochs`` passes over the QA pairs (an upper bound: it stops at the target
+    accuracy). RL: per step about three times the forward/backward of its rollout rows (sampling,
+    reference forward and update); evaluation is not counted.
+    """
+    from rerule.demo_world import _batch, qa_examples, unknown_people
 
     pre = settings["smollm2"]["pretrain"]
-    examples = qa_examples(world.task, world.tokenizer)
-    ids, mask, labels = _batch(examples[: pre["batch_size"]], world.tokenizer.pad_token_id, "cpu")
+    unknown = unknown_people(task, pre.get("unknown_people", 0), pre.get("seed", 0))
+    examples = qa_examples(task, tokenizer, unknown)
+    ids, mask, labels = _batch(examples[: pre["batch_size"]], tokenizer.pad_token_id, "cpu")
     t0 = time.perf_counter()
-    world.model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     fb = time.perf_counter() - t0
-    world.model.zero_grad(set_to_none=True)
-    del torch
-    cfg = arm_config(settings, next(iter(settings["arms"])), out_dir="unused", kind="smollm2")
+    model.zero_grad(set_to_none=True)
+    cfg = base_config(settings, kind="smollm2")
     arms = settings["smollm2"].get("arms") or list(settings["arms"])
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-    per_step = fb * rows / pre["batch_size"] * 3  # generation + update; generation dominates on a CPU
-    pretrain_s = fb * pre["max_epochs"] * len(examples) / pre["batch_size"]
-    return {
-        "fwd_bwd_s": fb,
-        "pretrain_s_max": pretrain_s,
-        "rl_s": per_step * cfg.steps * len(arms),
-        "total_s": pretrain_s + per_step * cfg.steps * len(arms),
-    }
+    per_step = fb * rows / len(ids) * 3
+    pretrain_s = fb * pre["max_epochs"] * len(examples) / len(ids) if finetune else 0.0
+    rl_s = per_step * cfg.steps * len(arms)
+    return {"fwd_bwd_s": fb, "pretrain_s_max": pretrain_s, "rl_s": rl_s, "total_s": pretrain_s + rl_s}
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -300,6 +293,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     if args.diagnose:
         settings["arms"] = {**settings["arms"], **(settings.get("diagnostic_arms") or {})}
     if args.sweep:
+        from rerule.demo_sweep import run_sweep
+
         return run_sweep(settings, no_cache=args.no_cache)
     return run_single(settings, kind=args.model, no_cache=args.no_cache)
 
@@ -314,19 +309,28 @@ def run_single(settings: dict, *, kind: str = "tiny", no_cache: bool = False) ->
     out = Path(settings["out_dir"]) / ("smollm2" if kind == "smollm2" else "")
     out.mkdir(parents=True, exist_ok=True)
     _say(f"rerule demo ({kind}): world {settings['world']}")
+    arms = settings["smollm2"].get("arms") if kind == "smollm2" else None
+
+    def announce(model, tokenizer, task, cached):
+        if kind != "smollm2":
+            return
+        est = estimate_smollm2(model, tokenizer, task, settings, finetune=not cached)
+        _say(
+            f"smollm2 estimate: {est['fwd_bwd_s']:.1f}s per training forward/backward of "
+            f"{settings['smollm2']['pretrain']['batch_size']} QA pairs; fine-tuning up to "
+            f"{est['pretrain_s_max'] / 60:.0f} min, RL ~{est['rl_s'] / 60:.0f} min "
+            f"({len(arms or settings['arms'])} arms); total ~{est['total_s'] / 60:.0f} min plus evaluation"
+        )
+
     world = prepare_world(
-        settings, kind=kind, cache_dir=settings.get("cache_dir"), use_cache=not no_cache, progress=_say
+        settings,
+        kind=kind,
+        cache_dir=settings.get("cache_dir"),
+        use_cache=not no_cache,
+        progress=_say,
+        on_model=announce,
     )
     _say(f"world: {world.task.summary()}; pre-trained exact-match accuracy {world.info['accuracy']:.3f}")
-    arms = None
-    if kind == "smollm2":
-        est = estimate_smollm2(world, settings)
-        _say(
-            f"smollm2 estimate: {est['fwd_bwd_s']:.1f}s per training forward/backward; up to "
-            f"{est['pretrain_s_max'] / 60:.0f} min of fine-tuning, ~{est['rl_s'] / 60:.0f} min of RL; "
-            f"total up to ~{est['total_s'] / 60:.0f} min"
-        )
-        arms = settings["smollm2"].get("arms")
     core = run_arms(world, settings, out, kind=kind, arms=arms)
     report = {
         "kind": kind,
@@ -346,50 +350,6 @@ def run_single(settings: dict, *, kind: str = "tiny", no_cache: bool = False) ->
         _say(f"- {line}")
     _say(f"\nwrote {', '.join(str(p) for p in paths)}")
     _say(f"demo wall time {report['timing']['total_wall_s']:.0f}s")
-    return report
-
-
-def run_sweep(settings: dict, *, no_cache: bool = False) -> dict:
-    """Hardness x seeds (``sweep`` section); plots ReRULE's gain against hardness."""
-    from rerule.demo_world import prepare_world
-
-    sw = settings.get("sweep") or {}
-    hardness, seeds = list(sw.get("hardness", [])), list(sw.get("seeds", []))
-    if not hardness or not seeds:
-        raise ValueError("demo config: sweep.hardness and sweep.seeds must be non-empty lists")
-    arms = sw.get("arms") or list(settings["arms"])
-    out = Path(settings["out_dir"]) / "sweep"
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    cells = []
-    for h in hardness:
-        s = copy.deepcopy(settings)
-        s["world"]["hardness"] = h
-        if "eval_every" in sw:
-            s["eval"]["every"] = sw["eval_every"]
-        for seed in seeds:
-            _say(f"sweep: hardness {h} seed {seed} ({time.perf_counter() - t0:.0f}s so far)")
-            world = prepare_world(s, cache_dir=s.get("cache_dir"), use_cache=not no_cache, progress=_say)
-            core = run_arms(
-                world, s, out / f"h{h}-s{seed}", seed=seed, steps=sw.get("steps"), arms=arms, quiet=True
-            )
-            cell = {"hardness": h, "seed": seed, "pretrain_accuracy": world.info["accuracy"], **core}
-            cell["summary"] = summarize({"settings": s, **cell})
-            cells.append(cell)
-            _say(
-                "  "
-                + "  ".join(
-                    f"{a}: bq {r['final']['boundary_quality']:.2f}"
-                    for a, r in cell["summary"]["arms"].items()
-                )
-            )
-    report = {"settings": settings, "cells": cells, "timing": {"total_wall_s": time.perf_counter() - t0}}
-    report["summary"] = sweep_summary(report)
-    paths = write_sweep_report(report, out)
-    _say("\n" + report["summary"]["table_text"])
-    _say(
-        f"\nwrote {', '.join(str(p) for p in paths)}; sweep wall time {report['timing']['total_wall_s']:.0f}s"
-    )
     return report
 
 
@@ -446,7 +406,6 @@ __all__ = [
     "run_arms",
     "run_demo",
     "run_single",
-    "run_sweep",
 ]
 
 if __name__ == "__main__":

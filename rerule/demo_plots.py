@@ -89,17 +89,22 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
     save(fig, "tradeoff.png")
 
-    fig, axs = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axs = plt.subplots(1, 4, figsize=(20, 4.5))
     for a, r in arms.items():
         axs[0].plot(*_step_series(r, "buffer_size"), "-", color=colors[a], label=a)
         axs[1].plot(*_step_series(r, "is_weight_mean"), "o-", color=colors[a], label=f"{a} mean w")
         axs[2].plot(*_step_series(r, "is_ess"), "o-", color=colors[a], label=f"{a} ESS")
+        axs[3].plot(*_step_series(r, "grad_norm"), "-", color=colors[a], label=a)
+    # Gradient norms span orders of magnitude when a replayed term dominates (a flat batch gives 0).
+    if any((m.get("grad_norm") or 0) > 0 for r in arms.values() for m in r["history"]):
+        axs[3].set_yscale("log")
     for ax, t in zip(
         axs,
         (
             "replay buffer size (groups)",
             "mean importance weight of replayed tokens",
             "normalized ESS of replayed tokens",
+            "gradient norm before clipping",
         ),
     ):
         ax.set_title(t)

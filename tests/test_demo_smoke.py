@@ -8,12 +8,12 @@ import math
 import pytest
 
 from rerule import demo_report as rep
-from rerule.demo import load_settings, run_single, run_sweep
+from rerule.demo import load_settings, run_single
+from rerule.demo_sweep import run_sweep, sweep_summary
 
 ARMS = ("RULE", "RULE+prio", "ReRULE", "ReRULE+prio")
 MINIMAL = [
-    "world={seed: 0, hardness: 0.8, n_forget: 2, n_boundary: 2, n_retain: 1, n_attributes: 1,"
-    " n_templates: 1}",
+    "world={seed: 0, hardness: 0.8, n_forget: 2, n_boundary: 2, n_retain: 1, n_attributes: 1, n_templates: 1}",
     "model={hidden_size: 16, intermediate_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1,"
     " max_position_embeddings: 64}",
     "tokenizer.vocab_size=300",
@@ -203,6 +203,15 @@ def test_summary_gains_and_diagnostics_on_fake_history(tmp_path):
     assert data["curves"]["ReRULE+prio"]["step"]["is_weight_mean"][-1] == [6, 0.3]
 
 
+def test_forget_dips_are_reported_once_per_episode():
+    evals = [{"step": i, "forget_refusal_rate": f} for i, f in enumerate([0.5, 0.9, 0.6, 0.55, 0.95, 0.7, 0.9])]
+    assert rep.forget_dips(evals) == [
+        {"step": 2, "from": 0.9, "to": 0.55, "final": 0.9},
+        {"step": 5, "from": 0.95, "to": 0.7, "final": 0.9},
+    ]
+    assert rep.forget_dips(evals, tol=0.4) == []
+
+
 def test_replay_verdict_names_collapsed_weights_and_stale_groups():
     report = fake_report()
     report["arms"]["ReRULE"] = _fake_arm(
@@ -246,17 +255,15 @@ def test_sweep_summary_means_and_censoring():
         "settings": {"eval": {"every": 2}, "sweep": {"hardness": [0.2, 0.8], "seeds": [0, 1]}},
         "cells": cells,
     }
-    s = rep.sweep_summary(report)
+    s = sweep_summary(report)
     st = s["stats"]["0.8"]["ReRULE"]
-    assert st["gain"][0] == pytest.approx(0.0) and st["gain"][1] == pytest.approx(
-        math.sqrt(2 * 0.1**2) / math.sqrt(2)
-    )
+    assert st["gain"][0] == pytest.approx(0.0) and st["gain"][1] == pytest.approx(math.sqrt(2 * 0.1**2) / math.sqrt(2))
     # At 0.2 ReRULE ends at 0.45 < RULE's 0.5 after starting at 0.6 (reached at step 0).
     assert s["stats"]["0.2"]["ReRULE"]["reach"] == (0.0, 0.0)
     # A curve that never reaches the target is censored at budget + eval interval.
     for c in cells:
         c["summary"]["arms"]["ReRULE"]["steps_to_reference_final_bq"] = None
-    s = rep.sweep_summary(report)
+    s = sweep_summary(report)
     assert s["stats"]["0.8"]["ReRULE"]["reach"][0] == 8 and s["stats"]["0.8"]["ReRULE"]["reach_never"] == 2
     assert "(2 never)" in s["table_text"]
 
