@@ -7,6 +7,8 @@ Layout under ``<output_dir>/checkpoints``::
         optimizer.pt      AdamW state
         state.pt          step, buffer, prompt sampler, the trainer's torch RNG states, metric history,
                           config, wall time
+        buffer-rank{r}.pt one per rank in a multi-process run (its replay buffer, prompt sampler and
+                          RNG; ``rerule.distributed``): state.pt then holds the shared state only
     latest                name of the newest complete checkpoint
 
 A checkpoint is first written as ``step-000010.tmp-<pid>/`` and renamed when complete (a directory
@@ -66,21 +68,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(root: str | Path, step: int, parts: dict, keep: int = 2) -> Path:
-    """Write ``parts`` ({"model": ..., "optimizer": ..., "state": ...}) as checkpoint ``step``; keep the
-    newest ``keep`` checkpoints. Returns the checkpoint directory."""
+def begin_checkpoint(root: str | Path, step: int) -> Path:
+    """Create the temporary directory checkpoint ``step`` is written into (stale ones from killed writers
+    are removed first). Only one process per run calls this; see ``commit_checkpoint``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("*.tmp-*"):
         # Left by a killed writer (the pid in the name is another, dead process).
         if not stale.name.endswith(f".tmp-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    tmp = root / f"step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, obj in parts.items():
-        atomic_save(obj, tmp / f"{name}.pt")
+    return tmp
+
+
+def commit_checkpoint(root: str | Path, tmp: str | Path, step: int, keep: int = 2) -> Path:
+    """Rename the fully written ``tmp`` into place as checkpoint ``step``, point ``latest`` at it and keep
+    the newest ``keep`` checkpoints. Returns the checkpoint directory."""
+    root, tmp = Path(root), Path(tmp)
+    final = root / f"step-{step:06d}"
     if final.exists():
         # Re-saving a step (a resumed run passing the same step): move the old one aside first.
         trash = root / f"{final.name}.old.tmp-{os.getpid()}"
@@ -94,6 +101,15 @@ def save_checkpoint(root: str | Path, step: int, parts: dict, keep: int = 2) -> 
     for old in sorted(list_checkpoints(root))[:-keep] if keep > 0 else []:
         shutil.rmtree(root / f"step-{old:06d}", ignore_errors=True)
     return final
+
+
+def save_checkpoint(root: str | Path, step: int, parts: dict, keep: int = 2) -> Path:
+    """Write ``parts`` ({"model": ..., "optimizer": ..., "state": ...}) as checkpoint ``step``; keep the
+    newest ``keep`` checkpoints. Returns the checkpoint directory."""
+    tmp = begin_checkpoint(root, step)
+    for name, obj in parts.items():
+        atomic_save(obj, tmp / f"{name}.pt")
+    return commit_checkpoint(root, tmp, step, keep)
 
 
 def list_checkpoints(root: str | Path) -> list[int]:

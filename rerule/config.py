@@ -290,6 +290,23 @@ class WarmStartConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process runs (``accelerate launch`` / ``torchrun``; see ``rerule.distributed``). Ignored in a
+    single process. ``rollout.prompts_per_step`` is per rank: the global batch is world_size times it."""
+
+    strategy: str = _help("auto (fsdp when accelerate launched with an FSDP config, else ddp), ddp, fsdp",
+                          "auto")  # fmt: skip
+    share_group_means: bool = _help("every rank sees all ranks' fresh group means: the quantile admission "
+                                    "threshold, solved-prompt eviction and prioritized prompt sampling act "
+                                    "on the global batch, as in one process", True)  # fmt: skip
+    timeout_s: int = _help("collective timeout in seconds (a rank that stops answering fails the run)", 1800)
+
+    def __post_init__(self):
+        _choice("distributed.strategy", self.strategy, ("auto", "ddp", "fsdp"))
+        _int("distributed.timeout_s", self.timeout_s, 1)
+
+
+@dataclass
 class TrainConfig:
     """The whole run. Stages: warm start (warm_start.epochs), on-policy RULE (steps < replay.start_step),
     hybrid ReRULE (replay.start_step <= step < steps, when replay.enabled)."""
@@ -313,6 +330,7 @@ class TrainConfig:
     replay: ReplayConfig = _help("replay buffer (ReRULE)", factory=ReplayConfig)
     sampling: SamplingConfig = _help("prompt sampling", factory=SamplingConfig)
     warm_start: WarmStartConfig = _help("stage 0", factory=WarmStartConfig)
+    distributed: DistributedConfig = _help("multi-GPU / multi-node runs", factory=DistributedConfig)
 
     def __post_init__(self):
         for name, low in (("steps", 1), ("keep_checkpoints", 1), ("save_every", 0), ("eval_every", 0)):

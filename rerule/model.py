@@ -187,14 +187,16 @@ def _apply_liger(cfg: ModelConfig, model, device: torch.device) -> bool:
     return True
 
 
-def load_model(cfg: ModelConfig, device: torch.device, corpus: str | None = None, seed: int = 0):
-    """Build or load the policy. Returns (model, tokenizer, info) with the model on ``device``.
+def load_model(cfg: ModelConfig, device: torch.device, corpus: str | None = None, seed: int = 0,
+               place: torch.device | None = None):  # fmt: skip
+    """Build or load the policy. Returns (model, tokenizer, info) with the model on ``place`` (default ``device``).
 
     Args:
         cfg: the config's ``model`` section.
-        device: where the model lives.
+        device: where the model runs (decides dtype, attention and Liger).
         corpus: text to train a BPE tokenizer on (``name_or_path: tiny`` with ``tiny.tokenizer: bpe``).
         seed: initializes the tiny model.
+        place: where the weights are put now (FSDP loads on the CPU; sharding moves them to ``device``).
     """
     dtype = _param_dtype(cfg, device)
     if cfg.name_or_path == "tiny":
@@ -224,7 +226,7 @@ def load_model(cfg: ModelConfig, device: torch.device, corpus: str | None = None
     tokenizer.padding_side = "left"
     disable_dropout(model)
     liger = _apply_liger(cfg, model, device)
-    model = model.to(device)
+    model = model.to(place or device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

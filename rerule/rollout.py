@@ -156,6 +156,7 @@ def generate(
     max_new_tokens: int = 64,
     batch_groups: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    synced_gpus: bool = False,
 ) -> tuple[SeqBatch, list[str]]:
     """Sample ``group_size`` completions per prompt (plain temperature sampling, no top-k).
 
@@ -165,6 +166,7 @@ def generate(
 
     Args:
         prompts: N 1-D prompt id tensors.
+        synced_gpus: keep stepping until every rank is done (FSDP: each forward is a collective).
     Returns:
         (SeqBatch with N * group_size rows on the model's device, decoded completion texts).
     """
@@ -186,7 +188,8 @@ def generate(
             ids, mask = left_pad(prompts[i : i + step], tokenizer.pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
             with autocast(device, amp_dtype):
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                     **({"synced_gpus": True} if synced_gpus else {}))
             comp = out[:, ids.shape[1] :]
             cmask = completion_mask_from_eos(comp, eos)
             comps.append(torch.where(cmask.bool(), comp, torch.full_like(comp, tokenizer.pad_token_id)))

@@ -17,12 +17,15 @@ The update, for fresh groups F and replayed groups R (DESIGN.md, "ReRULE")::
   ``recompute_advantages``); stored advantages go stale as the policy moves.
 
 Micro-batches hold whole groups; each micro-batch loss is scaled so that the accumulated gradient
-equals the gradient of the full-batch loss for every ``loss_type``.
+equals the gradient of the full-batch loss for every ``loss_type``. In a multi-process run the
+normalizers are the global ones divided by the world size (``rerule.distributed``), so the
+rank-averaged gradient is the gradient of the whole global batch.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -139,15 +142,19 @@ class PolicyUpdate:
         model: the policy; loss_kwargs: grpo_loss options (temperature, clips, beta, loss_type ...);
         loss_impl: "logits" or "fused_linear"; kernel_impl: loss backend; amp_dtype: autocast dtype;
         rows_per_micro: rows per forward (whole groups; None: all); cap: w truncation; lam: lambda;
-        advantages: "recomputed" or "stored" for replayed groups.
+        advantages: "recomputed" or "stored" for replayed groups;
+        dist: a multi-process ``rerule.distributed.Dist`` (None: one process);
+        forward: the module the forward goes through (DDP around ``CompletionScorer``; None: ``model``).
     """
 
     def __init__(self, model, loss_kwargs: dict, loss_impl: str, kernel_impl: str, amp_dtype,
-                 rows_per_micro: int | None, cap: float, lam: float, advantages: str = "recomputed"):
+                 rows_per_micro: int | None, cap: float, lam: float, advantages: str = "recomputed",
+                 dist=None, forward=None):  # fmt: skip
         self.model, self.kw, self.loss_impl = model, dict(loss_kwargs), loss_impl
         self.kernel_impl = kernel_impl
         self.amp, self.rows_per_micro, self.cap, self.lam = amp_dtype, rows_per_micro, cap, lam
         self.adv_mode = advantages
+        self.dist, self.forward = dist, forward
         if loss_impl == "fused_linear":
             from rerule.fused_linear import fused_linear_grpo_loss
 
@@ -155,6 +162,8 @@ class PolicyUpdate:
 
     def _features(self, mb: SeqBatch):
         with autocast(mb.completion_ids.device, self.amp):
+            if self.forward is not None:
+                return self.forward(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
             if self.loss_impl == "logits":
                 return completion_logits(self.model, mb)
             return completion_hidden(self.model, mb)
@@ -184,7 +193,7 @@ class PolicyUpdate:
                            bias=bias, **kw)  # fmt: skip
 
     def _part_loss(self, feats, mb: SeqBatch, s: UpdateSet, rows: slice, weight: float, replay: bool,
-                   total_tokens: float, acc: dict, logps: torch.Tensor):  # fmt: skip
+                   total_rows: float, total_tokens: float, acc: dict, logps: torch.Tensor):  # fmt: skip
         """Loss of one set's rows ``rows`` inside the micro-batch ``mb`` (``feats`` already sliced);
         returns the scaled loss and writes the pre-update logps and the advantages used."""
         t = mb.completion_ids.shape[1]
@@ -202,7 +211,7 @@ class PolicyUpdate:
                 acc[k] += v
         out = self._loss(feats, mb, adv.to(feats.device), beh, ref, total_tokens)
         n_tok = float(mb.completion_mask.sum())
-        share = loss_scale(self.kw["loss_type"], rows.stop - rows.start, n_tok, len(s.batch), total_tokens)
+        share = loss_scale(self.kw["loss_type"], rows.stop - rows.start, n_tok, total_rows, total_tokens)
         logps[rows, : min(t, logps.shape[1])] = out.logps[:, : logps.shape[1]]
         acc[pre + "advantages"][rows] = adv.to(acc[pre + "advantages"].device)
         acc[pre + "loss"] += float(out.loss.detach()) * share
@@ -224,27 +233,49 @@ class PolicyUpdate:
         batch = SeqBatch.cat([s.batch for s, _, _ in sets])
         starts = [0, len(fresh.batch)] + ([len(fresh.batch) + len(replayed.batch)] if len(sets) > 1 else [])
         totals = [float(s.batch.completion_mask.sum()) for s, _, _ in sets]
+        rows_total = [len(s.batch) for s, _, _ in sets]
+        with_replay = len(sets) > 1
+        if self.dist is not None:
+            # Global rows / tokens per set over W; a rank without replayed rows this step adds zeros.
+            rows_total, totals = self.dist.per_rank_totals(rows_total + [0] * (2 - len(sets)),
+                                                           totals + [0.0] * (2 - len(sets)))  # fmt: skip
+            with_replay = self.lam > 0 and rows_total[1] > 0
         device = batch.completion_ids.device
         logps = [torch.zeros(s.batch.completion_ids.shape, device=device) for s, _, _ in sets]
         acc = collections.defaultdict(float)
         for (s, _, replay), lp in zip(sets, logps):
             acc[("replay_" if replay else "") + "advantages"] = torch.zeros(len(s.batch), device=lp.device)
-        for i, j in micro_slices(len(batch), self.rows_per_micro or len(batch)):
-            mb = batch.rows(i, j)
-            feats = self._features(mb)
-            loss = 0.0
-            for k, (s, weight, replay) in enumerate(sets):
-                a, b = max(i, starts[k]), min(j, starts[k + 1])
-                if a >= b:
+        slices = micro_slices(len(batch), self.rows_per_micro or len(batch))
+        n_passes = len(slices) if self.dist is None else self.dist.micro_steps(len(slices))
+        for step in range(n_passes):
+            sync = contextlib.nullcontext()
+            if self.dist is not None:
+                sync = self.dist.sync_context(self.forward or self.model, last=step == n_passes - 1)
+            with sync:
+                if step >= len(slices):
+                    # FSDP: every forward/backward is a collective, so a rank with fewer micro-batches
+                    # runs zero-loss passes to stay in step with the others.
+                    (self._features(batch.rows(0, 1)).float().sum() * 0.0).backward()
                     continue
-                part = mb.rows(a - i, b - i, trim=False)
-                rows = slice(a - starts[k], b - starts[k])
-                x = feats[a - i : b - i]
-                loss = loss + self._part_loss(x, part, s, rows, weight, replay, totals[k], acc, logps[k])
-            loss.backward()
+                i, j = slices[step]
+                mb = batch.rows(i, j)
+                feats = self._features(mb)
+                loss = 0.0
+                for k, (s, weight, replay) in enumerate(sets):
+                    a, b = max(i, starts[k]), min(j, starts[k + 1])
+                    if a >= b:
+                        continue
+                    part = mb.rows(a - i, b - i, trim=False)
+                    rows = slice(a - starts[k], b - starts[k])
+                    x = feats[a - i : b - i]
+                    loss = loss + self._part_loss(x, part, s, rows, weight, replay, rows_total[k], totals[k], acc,
+                                                  logps[k])  # fmt: skip
+                loss.backward()
+        if self.dist is not None:
+            self.dist.reduce_update(acc)
         out = {"loss_on": acc["loss"], "train_tokens": acc["tokens"], "advantages": acc["advantages"]}
         out.update({k: acc[k] / max(acc["tokens"], 1.0) for k in ("kl", "clip_ratio_low", "clip_ratio_high")})
-        if len(sets) > 1:
+        if with_replay:
             n = max(acc["n"], 1.0)
             out.update({
                 "loss_replay": acc["replay_loss"], "replay_tokens": acc["replay_tokens"],

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from rerule import checkpoint as ckpt
+from rerule import distributed
 from rerule.buffer import ReplayBuffer, ReplayGroup
 from rerule.config import TrainConfig
 from rerule.eval.refusal import is_refusal
@@ -43,7 +44,6 @@ from rerule.model import (
     disable_dropout,
     load_model,
     load_trainable_state_dict,
-    resolve_device,
     trainable_state_dict,
 )
 from rerule.rewards import make_reward_fn
@@ -120,20 +120,24 @@ class Trainer:
             )
         self.reward_fn = reward_fn or make_reward_fn(c.reward.variant, c.reward.rouge_threshold)
         self.evaluate_fn = evaluate_fn
-        self.device = resolve_device(c.device)
+        # One process: Dist() with identity helpers. Launched by accelerate / torchrun: this rank's place.
+        self.dist = distributed.setup(c.distributed, c.device)
+        self.device = self.dist.device(c.device)
+        self.seed = self.dist.seed(c.seed)
         self.out_dir = Path(c.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        resume_from = ckpt.latest_checkpoint(self.ckpt_dir) if resume else None
+        resume_from = self.dist.check_resume(ckpt.latest_checkpoint(self.ckpt_dir) if resume else None)
         if resume and resume_from is None:
             log.warning("--resume: no checkpoint under %s, starting from scratch", self.ckpt_dir)
 
         if model is None:
             bpe = c.model.name_or_path == "tiny" and c.model.tiny.tokenizer == "bpe"
             corpus = self.task.corpus() if bpe and hasattr(self.task, "corpus") else None
-            model, tokenizer, self.model_info = load_model(c.model, self.device, corpus=corpus, seed=c.seed)
+            model, tokenizer, self.model_info = load_model(c.model, self.device, corpus=corpus, seed=c.seed,
+                                                           place=self.dist.load_device(self.device))  # fmt: skip
         else:
             disable_dropout(model)
-            model = model.to(self.device)
+            model = model.to(self.dist.load_device(self.device))
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             self.model_info = {"model": type(base_model(model)).__name__, "device": str(self.device),
@@ -148,13 +152,18 @@ class Trainer:
         texts = format_prompts(tokenizer, self.pool, self.task, c.rollout.chat_template)
         self.prompt_ids = encode_prompts(tokenizer, texts, c.rollout.max_prompt_length, chat)
 
+        # FSDP: a CPU copy for the reference before sharding; the warm start then runs on the shards.
+        template = copy.deepcopy(model) if self.dist.fsdp_on and c.loss.beta > 0 and not self.lora else None
+        model = self.model = self.dist.shard(model)
         self.warm_start_stats: dict = {}
         if resume_from is None and c.warm_start.epochs > 0:
             self.warm_start_stats = warm_start(model, tokenizer, self.task, c.warm_start,
                                                max_prompt_length=c.rollout.max_prompt_length,
                                                chat_template=c.rollout.chat_template, amp_dtype=self.amp,
                                                seed=c.seed, kernel_impl=c.loss.kernel_impl)  # fmt: skip
-        self.reference = self._build_reference(resume_from is not None)
+        self.dist.sync_replicas(model)
+        self.reference = self._build_reference(resume_from is not None, template)
+        self.train_forward = self.dist.wrap(model, hidden=self.loss_impl == "fused_linear")
 
         params = [p for p in model.parameters() if p.requires_grad]
         o = c.optim
@@ -162,9 +171,9 @@ class Trainer:
         r = c.replay
         self.buffer = ReplayBuffer(r.capacity, r.threshold, r.threshold_mode, r.quantile, r.quantile_window,
                                    r.eviction, r.staleness, r.max_reuse, r.sampling, r.priority_floor,
-                                   seed=c.seed + 1)  # fmt: skip
+                                   seed=self.seed + 1)  # fmt: skip
         s = c.sampling
-        self.sampler = PromptSampler(len(self.pool), s.mode, s.floor, s.alpha, seed=c.seed + 2)
+        self.sampler = PromptSampler(len(self.pool), s.mode, s.floor, s.alpha, seed=self.seed + 2)
         loss_kwargs = dict(temperature=c.rollout.temperature, epsilon_low=c.loss.epsilon_low,
                            epsilon_high=c.loss.epsilon_high, dual_clip=c.loss.dual_clip, beta=c.loss.beta,
                            loss_type=c.loss.loss_type,
@@ -173,7 +182,8 @@ class Trainer:
             loss_kwargs["max_completion_length"] = c.rollout.max_new_tokens
         self.micro_rows = o.micro_batch_groups * c.rollout.group_size if o.micro_batch_groups else None
         self.update = PolicyUpdate(model, loss_kwargs, self.loss_impl, c.loss.kernel_impl, self.amp,
-                                   self.micro_rows, r.cap, r.lam, r.advantages)  # fmt: skip
+                                   self.micro_rows, r.cap, r.lam, r.advantages,
+                                   self.dist if self.dist.enabled else None, self.train_forward)  # fmt: skip
         self.step = 0
         self._rng: dict | None = None
         self.history: list[dict] = []
@@ -192,7 +202,7 @@ class Trainer:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         with torch.random.fork_rng(devices=[index] if cuda else []):
             if self._rng is None:
-                torch.manual_seed(self.config.seed)
+                torch.manual_seed(self.seed)
             else:
                 torch.set_rng_state(self._rng["cpu"])
                 if cuda:
@@ -204,6 +214,11 @@ class Trainer:
 
     def _loss_impl(self) -> str:
         want = self.config.loss.loss_impl
+        if self.dist.fsdp_on:
+            # The lm_head weight is sharded under FSDP: the loss takes the logits of the sharded forward.
+            if want == "fused_linear":
+                raise ValueError("loss.loss_impl=fused_linear is not available under FSDP; use auto or logits")
+            return "logits"
         if want == "logits":
             return want
         try:
@@ -214,15 +229,18 @@ class Trainer:
             return "logits"
         return "fused_linear" if (want == "fused_linear" or self.device.type == "cuda") else "logits"
 
-    def _build_reference(self, resuming: bool):
+    def _build_reference(self, resuming: bool, template=None):
         """The frozen KL reference: a copy of the warm-started policy, or the adapter-disabled base (LoRA)."""
         if self.config.loss.beta == 0 or self.lora:
             return None
-        ref = copy.deepcopy(self.model)
         path = self.out_dir / "reference.pt"
+        if self.dist.fsdp_on:
+            return self.dist.fsdp_reference(template, self.model, path, resuming,
+                                            self.warm_start_stats.get("warm_start_steps", 0) > 0, self.amp)
+        ref = copy.deepcopy(self.model)
         if resuming and path.is_file():
             ref.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-        else:
+        elif self.dist.is_main:
             ckpt.atomic_save({k: v.detach().cpu() for k, v in ref.state_dict().items()}, path)
         if self.amp is not None:
             ref = ref.to(self.amp)
@@ -239,7 +257,7 @@ class Trainer:
         c = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._open_logs()
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc="rerule")
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.dist.is_main), desc="rerule")
         try:
             while self.step < c.steps:
                 metrics = self.train_step()
@@ -247,7 +265,8 @@ class Trainer:
                 bar.set_postfix_str(self._postfix(metrics))
                 if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                     self.save_checkpoint()
-                if callback is not None and callback(metrics):
+                # Every rank runs the callback; one rank asking to stop stops them all (in step).
+                if self.dist.any(callback is not None and callback(metrics)):
                     break
         finally:
             bar.close()
@@ -276,7 +295,8 @@ class Trainer:
         batch, texts = generate(self.model, self.tokenizer, [self.prompt_ids[i] for i in idx], G,
                                 temperature=c.rollout.temperature, top_p=c.rollout.top_p,
                                 max_new_tokens=c.rollout.max_new_tokens, amp_dtype=self.amp,
-                                batch_groups=c.rollout.generation_batch_groups)  # fmt: skip
+                                batch_groups=c.rollout.generation_batch_groups,
+                                synced_gpus=self.dist.fsdp_on)  # fmt: skip
         t_rollout = time.perf_counter() - t0
 
         # 2. rewards and group advantages
@@ -301,15 +321,25 @@ class Trainer:
         fresh_logps, stats = self.update(fresh, replay_set)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = c.optim.grad_clip if c.optim.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # FSDP: a replicated DTensor (the norm over all shards)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
         t_update = time.perf_counter() - t1
 
         # 5. buffer: evict solved prompts, admit hard groups (with mu = the pre-update log-probs)
         admitted = evicted_solved = 0
+        # Ranks sharing their fresh group means (rerule.distributed) see [(keys, means)] of every rank.
+        shared = self.dist.enabled and c.distributed.share_group_means
+        ranks = self.dist.gather((idx, means.tolist())) if shared else [(idx, means.tolist())]
+        others = [g for r, g in enumerate(ranks) if r != self.dist.rank]
         if c.replay.enabled:
-            self.buffer.observe(means.tolist())
+            self.buffer.observe([x for _, ms in ranks for x in ms])
             threshold = self.buffer.threshold
+            for keys, ms in others:
+                for key, mean in zip(keys, ms):
+                    if c.replay.evict_solved and mean >= threshold:
+                        evicted_solved += self.buffer.evict_prompt(key)
             for g, key in enumerate(idx):
                 rows = slice(g * G, (g + 1) * G)
                 if c.replay.evict_solved and float(means[g]) >= threshold:
@@ -324,6 +354,8 @@ class Trainer:
                                     source=self.pool[key].source)  # fmt: skip
                 admitted += self.buffer.offer(group) == "admitted"
             self.buffer.expire(step + 1)
+        for keys, ms in others:
+            self.sampler.update(keys, ms)
         self.sampler.update(idx, means.tolist())
         self.step += 1
 
@@ -332,30 +364,36 @@ class Trainer:
             self.buffer.record_is_weights(stats["is_weight_mean"], stats["is_ess"])
         t_step = time.perf_counter() - t0
         self.time_total += t_step
-        forget = [i for i, r in enumerate(records) if r.source == "forget"]
-        other = [i for i, r in enumerate(records) if r.source != "forget"]
+        is_forget = [r.source == "forget" for r in records]
         refusals = [is_refusal(t) for t in texts]
-        flat = (rewards.reshape(P, G) == rewards.reshape(P, G)[:, :1]).all(1)
+        lengths = batch.completion_mask.sum(1)
+        counts = {"replay_groups": len(replayed), "replay_forget_groups": sum(g.source == "forget" for g in replayed),
+                  "buffer_admitted": admitted, "buffer_evicted_solved": evicted_solved}  # fmt: skip
+        buffer_stats, r_all = self.buffer.stats(), rewards
+        if self.dist.enabled:
+            # Logged metrics are over the global batch (every rank's rows and buffer), the same on all ranks.
+            r_all, is_forget, refusals, lengths = self.dist.gather_rows(rewards, is_forget, refusals, lengths)
+            counts, buffer_stats = self.dist.reduce_counts(counts), self.dist.reduce_buffer_stats(buffer_stats)
+        forget = [i for i, f in enumerate(is_forget) if f]
+        other = [i for i, f in enumerate(is_forget) if not f]
+        flat = (r_all.reshape(-1, G) == r_all.reshape(-1, G)[:, :1]).all(1)
         m = {
             "step": self.step,
             "stage": "hybrid" if hybrid else "on_policy",
-            "reward": float(rewards.mean()),
-            "forget_reward": _mean(float(rewards[i]) for i in forget),
-            "boundary_reward": _mean(float(rewards[i]) for i in other),
+            "reward": float(r_all.mean()),
+            "forget_reward": _mean(float(r_all[i]) for i in forget),
+            "boundary_reward": _mean(float(r_all[i]) for i in other),
             "forget_refusal_rate": _mean(refusals[i] for i in forget),
             "boundary_refusal_rate": _mean(refusals[i] for i in other),
             "flat_group_frac": float(flat.float().mean()),
-            "replay_groups": len(replayed),
-            "replay_forget_groups": sum(g.source == "forget" for g in replayed),
-            "buffer_admitted": admitted,
-            "buffer_evicted_solved": evicted_solved,
-            **self.buffer.stats(),
+            **counts,
+            **buffer_stats,
             **{k: stats.get(k) for k in UPDATE_METRICS},
             "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "generated_tokens": int(batch.completion_mask.sum()),
+            "generated_tokens": int(lengths.sum()),
             "train_tokens": int(stats["train_tokens"]),
-            "completion_length": float(batch.completion_mask.sum(1).float().mean()),
+            "completion_length": float(lengths.float().mean()),
             "time_rollout_s": t_rollout,
             "time_update_s": t_update,
             "time_step_s": t_step,
@@ -379,6 +417,8 @@ class Trainer:
         return behavior_logps(self.reference, batch, **kw)
 
     def _open_logs(self) -> None:
+        if not self.dist.is_main:
+            return
         if self.config.tensorboard != "off" and self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -400,6 +440,8 @@ class Trainer:
         )
 
     def _log(self, m: dict) -> None:
+        if not self.dist.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -431,7 +473,16 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        """Write model, optimizer and trainer state atomically to output_dir/checkpoints/step-N."""
+        """Write model, optimizer and trainer state atomically to output_dir/checkpoints/step-N. In a
+        multi-process run every rank calls it: rank 0 writes those, each rank its buffer-rank{r}.pt."""
+        if self.dist.enabled:
+            state = self.state()
+            shard = {k: state.pop(k) for k in ("buffer", "sampler", "rng")}
+            shard.update(rank=self.dist.rank, world_size=self.dist.world_size)
+            state.update(world_size=self.dist.world_size, strategy=self.dist.strategy)
+            parts = {"model": self.dist.model_state(self.model), "state": state,
+                     "optimizer": self.dist.optimizer_state(self.model, self.optimizer)}  # fmt: skip
+            return self.dist.save_checkpoint(self.ckpt_dir, self.step, parts, shard, self.config.keep_checkpoints)
         parts = {
             "model": trainable_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
@@ -441,9 +492,15 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         parts = ckpt.load_checkpoint(path, map_location="cpu")
-        load_trainable_state_dict(self.model, parts["model"])
-        self.optimizer.load_state_dict(parts["optimizer"])
+        if self.dist.fsdp_on:
+            self.dist.load_model_state(self.model, parts["model"])
+            self.dist.load_optimizer_state(self.model, self.optimizer, parts["optimizer"])
+        else:
+            load_trainable_state_dict(self.model, parts["model"])
+            self.optimizer.load_state_dict(parts["optimizer"])
         s = parts["state"]
+        if self.dist.enabled:
+            s.update(self.dist.load_shard(path))
         saved = TrainConfig.from_dict(s["config"]).to_dict()
         changed = [
             k
@@ -460,22 +517,27 @@ class Trainer:
         self._rng = s["rng"]
         # Rows written after the checkpoint (by the killed run) are dropped: the log restarts from it.
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(
-            self.out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history)
-        )
+        if self.dist.is_main:
+            ckpt.atomic_write_text(
+                self.out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history)
+            )
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """save_pretrained the policy (the adapter under LoRA) and tokenizer, atomically."""
+        """save_pretrained the policy (the adapter under LoRA) and tokenizer, atomically (rank 0; under FSDP
+        every rank joins in gathering the weights)."""
         import os
         import shutil
 
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        full = {"state_dict": self.dist.full_state_dict(self.model)} if self.dist.fsdp_on else {}
+        if self.dist.is_main:
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp, **full)
+            self.tokenizer.save_pretrained(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        self.dist.barrier()
         return path
