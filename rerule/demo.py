@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from rerule.demo_report import ARM_EVAL_KEYS, summarize, write_report
+from rerule.demo_report import ARM_EVAL_KEYS, summarize, table_notes, write_report
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 KINDS = ("tiny", "smollm2")
@@ -280,8 +280,12 @@ def estimate_smollm2(model, tokenizer, task, settings: dict, finetune: bool = Tr
 
 def run_demo(args: argparse.Namespace) -> dict:
     """``rerule demo`` from parsed arguments; returns the report (or the sweep report)."""
+    import logging
+
     import torch
 
+    # rouge-score logs "Using default tokenizer." at INFO on every scorer it builds.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     settings = load_settings(args.config, args.set or [])
     if settings.get("torch_threads"):
         # Tiny matrices: more threads mostly add synchronization, and the CPU may be shared.
@@ -346,7 +350,7 @@ def run_single(settings: dict, *, kind: str = "tiny", no_cache: bool = False) ->
     report["timing"] = {"total_wall_s": time.perf_counter() - t0}
     paths = write_report(report, out)
     _say("\n" + report["summary"]["table_text"])
-    for line in report["summary"]["findings"]:
+    for line in table_notes(report["summary"]) + report["summary"]["findings"]:
         _say(f"- {line}")
     _say(f"\nwrote {', '.join(str(p) for p in paths)}")
     _say(f"demo wall time {report['timing']['total_wall_s']:.0f}s")

@@ -386,6 +386,24 @@ def json_default(o):
     return str(o)
 
 
+def table_notes(summary: dict) -> list[str]:
+    """How to read the table; the degenerate-metric note appears only when it applies."""
+    notes = [
+        "One seed per arm: seed-to-seed spread on this benchmark is large (run `rerule demo --sweep` for "
+        "means and standard errors); read small differences as noise.",
+        "Steps to RULE's final F&BQ: first evaluation step at which an arm has both RULE's final forget "
+        "refusal and RULE's final boundary quality (or better).",
+    ]
+    reach = [a["steps_to_reference_final_bq"] for a in summary["arms"].values()]
+    if reach and all(r == 0 for r in reach):
+        notes.append(
+            "Steps to RULE's final BQ is 0 for every arm: the warm-started model (step 0) already answers "
+            "the boundary better than RULE ends, since boundary quality only falls while forgetting here. "
+            "That metric is degenerate on this run; the F&BQ column is the informative one."
+        )
+    return notes
+
+
 def report_markdown(report: dict) -> str:
     """report.md: settings in brief, the table, findings, compute and the plots."""
     s = report["summary"]
@@ -401,6 +419,7 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     lines += ["## Final evaluation (greedy) and compute", "", s["table_md"], ""]
+    lines += [f"- {note}" for note in table_notes(s)] + [""]
     lines += ["## Findings (measured)", ""] + [f"- {x}" for x in s["findings"]] + [""]
     lines += [
         "## Compute per arm",
