@@ -279,6 +279,8 @@ def grpo_fwd(
     Returns (logp, lse, entropy or None, loss_tok or None, dlogits or None), fp32 [B, T] except
     dlogits ([B, T, V] in the logits dtype; the logits buffer itself when ``inplace``).
     """
+    if o.is_weight_kl and fused_loss and beh is not None and ref is not None and o.beta != 0.0:
+        raise NotImplementedError("is_weight_kl is not in the CUDA kernel yet: use impl='triton' or 'torch'")
     lib = _library_for(logits)
     args, outputs, _keep = fwd_args(
         lib, logits, ids, mask, adv, rw, old, beh, ref, o,

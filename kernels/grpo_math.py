@@ -92,13 +92,14 @@ def token_terms(logp, adv, rw, o: LossOptions, old=None, behavior=None, ref=None
     if ref is not None and o.beta != 0.0:
         e = torch.exp(ref - logp)
         kl = e - (ref - logp) - 1
+        bw = o.beta * w if o.is_weight_kl else o.beta
         if o.bias_correction_kl:
             r = torch.exp(logp - old_)
-            loss_tok = loss_tok + o.beta * r * kl
-            dl = dl + o.beta * r * (logp - ref)
+            loss_tok = loss_tok + bw * r * kl
+            dl = dl + bw * r * (logp - ref)
         else:
-            loss_tok = loss_tok + o.beta * kl
-            dl = dl + o.beta * (1 - e)
+            loss_tok = loss_tok + bw * kl
+            dl = dl + bw * (1 - e)
     return loss_tok, rw * dl
 
 
@@ -118,14 +119,15 @@ def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None,
     if ref is not None and o.beta != 0.0:
         e = torch.exp(ref - logp)
         kl = e - (ref - logp) - 1
+        bw = o.beta * w if o.is_weight_kl else torch.full_like(logp, o.beta)
         if o.bias_correction_kl:
             # r_b * kl_t: r_b couples the sequence, d r_b / d logp_t = r_b * m_t / length
             r = torch.exp(lr)
-            loss_tok = loss_tok + o.beta * r * kl
-            g = g + rw * o.beta * r * (1 - e) + o.beta * r * m / length * (rw * kl * m).sum(-1, keepdim=True)
+            loss_tok = loss_tok + bw * r * kl
+            g = g + rw * bw * r * (1 - e) + r * m / length * (rw * bw * kl * m).sum(-1, keepdim=True)
         else:
-            loss_tok = loss_tok + o.beta * kl
-            g = g + rw * o.beta * (1 - e)
+            loss_tok = loss_tok + bw * kl
+            g = g + rw * bw * (1 - e)
     return loss_tok * m, g * m
 
 

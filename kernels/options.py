@@ -28,6 +28,10 @@ class LossOptions:
     is_cap: truncation of the behaviour weight w = min(exp(old - behavior), is_cap).
     bias_correction_kl: multiply the k3 KL term by the (unclipped) policy ratio, making its
         gradient the unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's use_bias_correction_kl).
+    is_weight_kl: let the behaviour weight w multiply the KL term too (default: the policy term
+        only). For replayed, off-policy tokens the k3 gradient beta * (1 - exp(ref - logp)) is
+        unbounded where the current policy has moved away from the token; weighted by
+        w = min(pi/mu, cap) it is an importance-sampled estimate with a bounded gradient.
     """
 
     temperature: float = 1.0
@@ -40,6 +44,7 @@ class LossOptions:
     importance_sampling_level: str = "token"
     is_cap: float = 2.0
     bias_correction_kl: bool = False
+    is_weight_kl: bool = False
 
     def __post_init__(self):
         def positive(name, value, allow_none=False):
@@ -69,8 +74,9 @@ class LossOptions:
                 raise ValueError(
                     f"dual_clip must be > 1 (it bounds the surrogate at c*A for A < 0), got {self.dual_clip}"
                 )
-        if not isinstance(self.bias_correction_kl, bool):
-            raise TypeError(f"bias_correction_kl must be a bool, got {type(self.bias_correction_kl).__name__}")
+        for name in ("bias_correction_kl", "is_weight_kl"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.importance_sampling_level not in IS_LEVELS:

@@ -13,7 +13,7 @@ Per token (masked tokens contribute nothing)::
     surrogate = min(ratio * A, clipped * A);  dual clip: for A < 0, max(surrogate, c * A)
     w         = min(exp(old - behavior), is_cap)   (detached; 1 without behavior)
     kl        = exp(ref - logp) - (ref - logp) - 1        (x exp(log_ratio) with bias_correction_kl)
-    loss_tok  = -(w * surrogate) + beta * kl
+    loss_tok  = -(w * surrogate) + beta * kl               (w * beta * kl with is_weight_kl)
 
 Reductions: grpo (per-sequence mean, then batch mean), bnpo (token mean), dr_grpo
 (sum / (B * max_completion_length)), dapo (sum / num_items_in_batch).
@@ -128,7 +128,7 @@ def grpo_loss_reference(
         if o.bias_correction_kl:
             kl = kl * coef
         if o.beta != 0.0:
-            loss_tok = loss_tok + o.beta * kl
+            loss_tok = loss_tok + o.beta * (w * kl if o.is_weight_kl else kl)
     loss = reduce_tokens(loss_tok, completion_mask, o.loss_type, max_completion_length, num_items_in_batch)
 
     with torch.no_grad():

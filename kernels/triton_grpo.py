@@ -94,7 +94,7 @@ def _grpo_fwd_kernel(
     T, V,
     inv_tau, lo, hi, delta, dual_c, beta, is_cap,
     HAS_OLD: tl.constexpr, HAS_BEH: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, KL_IS: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, KL_IS: tl.constexpr, W_KL: tl.constexpr,
     FUSED_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, RETURN_ENT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -142,12 +142,15 @@ def _grpo_fwd_kernel(
             if HAS_REF:
                 ref = tl.load(REF + i_n).to(tl.float32)
                 e = tl.exp(ref - logp)
+                bw = beta
+                if W_KL:
+                    bw = beta * w
                 if KL_IS:
-                    loss += beta * r * (e - (ref - logp) - 1.0)
-                    dl += beta * r * (logp - ref)
+                    loss += bw * r * (e - (ref - logp) - 1.0)
+                    dl += bw * r * (logp - ref)
                 else:
-                    loss += beta * (e - (ref - logp) - 1.0)
-                    dl += beta * (1.0 - e)
+                    loss += bw * (e - (ref - logp) - 1.0)
+                    dl += bw * (1.0 - e)
             tl.store(LOSS + i_n, loss)
             if COMPUTE_GRAD:
                 _row_grad(p_x, p_dx, label, lse, tl.load(RW + i_n) * dl, V, inv_tau, BLOCK_V)
@@ -246,6 +249,7 @@ def grpo_fwd(
             float(o.delta or 0.0), float(o.dual_clip or 0.0), float(o.beta), float(o.is_cap),
             HAS_OLD=old is not None, HAS_BEH=beh is not None, HAS_REF=has_ref,
             HAS_DELTA=o.delta is not None, HAS_DUAL=o.dual_clip is not None, KL_IS=o.bias_correction_kl,
+            W_KL=o.is_weight_kl and beh is not None,
             FUSED_LOSS=fused_loss, COMPUTE_GRAD=compute_grad, RETURN_ENT=return_entropy,
             BLOCK_V=BLOCK_V, num_warps=_num_warps(BLOCK_V),
         )

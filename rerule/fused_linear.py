@@ -66,6 +66,7 @@ def fused_linear_grpo_loss(
     importance_sampling_level: str = "token",
     is_cap: float = 2.0,
     bias_correction_kl: bool = False,
+    is_weight_kl: bool = False,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
     scale_rewards: str = "group",
@@ -83,7 +84,7 @@ def fused_linear_grpo_loss(
         chunk_size: valid (mask 1) rows per GEMM chunk; default keeps one chunk's fp32 logits at
             ~64 MB on CPU (~1 GiB on GPU). Padding rows are dropped before any GEMM.
         old_logps, behavior_logps, ref_logps, temperature, epsilon_low, epsilon_high, delta,
-        dual_clip, beta, loss_type, importance_sampling_level, is_cap, bias_correction_kl,
+        dual_clip, beta, loss_type, importance_sampling_level, is_cap, bias_correction_kl, is_weight_kl,
         max_completion_length, num_items_in_batch, scale_rewards, return_entropy: exactly as in
         ``grpo_loss``.
         impl: "auto" (Triton kernel on CUDA, torch on CPU), "torch", "triton" or "cuda"; the GEMMs
@@ -113,7 +114,7 @@ def fused_linear_grpo_loss(
     o = LossOptions(
         temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
         dual_clip=dual_clip, beta=beta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        is_cap=is_cap, bias_correction_kl=bias_correction_kl,
+        is_cap=is_cap, bias_correction_kl=bias_correction_kl, is_weight_kl=is_weight_kl,
     )
     impl = _resolve_impl(impl, device)
     if chunk_size is not None:

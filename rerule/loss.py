@@ -144,6 +144,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     is_cap: float = 2.0,
     bias_correction_kl: bool = False,
+    is_weight_kl: bool = False,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
     scale_rewards: str = "group",
@@ -165,6 +166,8 @@ def grpo_loss(
             detached weight w = min(exp(old - behavior), is_cap) on the policy term.
         bias_correction_kl: multiply the KL term by the unclipped policy ratio (TRL's
             use_bias_correction_kl, DeepSeek-V3.2's unbiased reverse-KL gradient).
+        is_weight_kl: let w also weigh the KL term (for replayed off-policy tokens, whose k3
+            gradient is unbounded where the current policy moved away from the token).
         ref_logps: [B, T] reference log-probs for the k3 KL (needed when beta > 0).
         temperature, epsilon_low, epsilon_high, delta, dual_clip, beta, loss_type,
         importance_sampling_level, is_cap: see ``LossOptions``.
@@ -193,7 +196,7 @@ def grpo_loss(
     o = LossOptions(
         temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
         dual_clip=dual_clip, beta=beta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        is_cap=is_cap, bias_correction_kl=bias_correction_kl,
+        is_cap=is_cap, bias_correction_kl=bias_correction_kl, is_weight_kl=is_weight_kl,
     )
     impl = _resolve_impl(impl, device)
     adv, old, beh, ref = _loss_inputs(

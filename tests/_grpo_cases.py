@@ -8,7 +8,7 @@ from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
 
 OPTION_KEYS = ("temperature", "epsilon_low", "epsilon_high", "delta", "dual_clip", "beta", "loss_type",
-               "importance_sampling_level", "is_cap", "bias_correction_kl")
+               "importance_sampling_level", "is_cap", "bias_correction_kl", "is_weight_kl")
 
 
 def make_inputs(B, T, V, *, seed=0, scale=2.0, mask_p=0.25, off_policy=0.3, dtype=torch.float32,

@@ -14,7 +14,7 @@ from rerule.kernels.reference import grpo_loss_reference
 from rerule import fused_linear_grpo_loss, grpo_loss
 
 OPTION_KEYS = ("temperature", "epsilon_low", "epsilon_high", "delta", "dual_clip", "beta", "loss_type",
-               "importance_sampling_level", "is_cap", "bias_correction_kl")
+               "importance_sampling_level", "is_cap", "bias_correction_kl", "is_weight_kl")
 
 
 def make_case(B=4, T=9, H=33, V=1007, *, seed=0, dtype=torch.float32, bias=True, mask_p=0.3, masked_row=True,
@@ -116,9 +116,11 @@ CASES = [
     dict(beta=0.0, _inputs=dict(old=False, behavior=False, ref=False)),
     dict(beta=0.1, bias_correction_kl=True, loss_type="bnpo"),
     dict(beta=0.1, bias_correction_kl=True, importance_sampling_level="sequence"),
+    dict(beta=0.2, is_weight_kl=True, is_cap=1.5),
 ]
 CASE_IDS = ["grpo-all", "bnpo-noref", "drgrpo-kl-tau", "dapo-delta-dual", "seq-grpo-kl", "seq-bnpo-noold",
-            "seq-drgrpo-delta-dual", "seq-dapo-behonly", "grpo-bare", "bnpo-kl-biascorr", "seq-grpo-kl-biascorr"]
+            "seq-drgrpo-delta-dual", "seq-dapo-behonly", "grpo-bare", "bnpo-kl-biascorr", "seq-grpo-kl-biascorr",
+            "grpo-kl-isweight"]
 
 
 @pytest.mark.parametrize("opts", CASES, ids=CASE_IDS)

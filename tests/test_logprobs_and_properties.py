@@ -46,6 +46,7 @@ OPTS = st.fixed_dictionaries(
         "dual_clip": st.sampled_from([None, 1.5, 3.0]),
         "is_cap": st.sampled_from([0.5, 1.0, 2.0]),
         "bias_correction_kl": st.booleans(),
+        "is_weight_kl": st.booleans(),
     }
 )
 

@@ -48,6 +48,8 @@ def literal_loss(inputs, o: LossOptions, max_len=None, num_items=None):
                 kl = math.exp(d) - d - 1
                 if o.bias_correction_kl:
                     kl *= math.exp(lr)
+                if o.is_weight_kl:
+                    kl *= w
             loss_tok[b][t] = -(w * s) + o.beta * kl
     tokens = sum(int(mask[b, t]) for b in range(B) for t in range(T))
     total = sum(loss_tok[b][t] for b in range(B) for t in range(T))
@@ -68,6 +70,7 @@ LITERAL = [
     dict(loss_type="dapo", is_cap=1.2, epsilon_high=0.3),
     dict(beta=0.3, bias_correction_kl=True, delta=1.1),
     dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.3, bias_correction_kl=True),
+    dict(beta=0.3, is_weight_kl=True, is_cap=1.3),
 ]
 
 
