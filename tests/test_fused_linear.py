@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import rerule.kernels.fused_linear as fl
 import torch
+
+import rerule.kernels.fused_linear as fl
+from rerule import fused_linear_grpo_loss, grpo_loss
 from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
-
-from rerule import fused_linear_grpo_loss, grpo_loss
 
 OPTION_KEYS = ("temperature", "epsilon_low", "epsilon_high", "delta", "dual_clip", "beta", "loss_type",
                "importance_sampling_level", "is_cap", "bias_correction_kl", "is_weight_kl")
