@@ -66,7 +66,7 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> list[dict]:
 
     trainer = Trainer(config, resume=args.resume)
     history = trainer.train()
-    if history:
+    if history and trainer.dist.is_main:
         last = history[-1]
         keys = ("step", "reward", "forget_reward", "boundary_reward", "forget_refusal_rate", "buffer_size")
         print(" ".join(f"{k}={last.get(k)}" for k in keys))

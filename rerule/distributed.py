@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 
 from rerule import checkpoint as ckpt
-from rerule.model import base_model, resolve_device, trainable_state_dict
+from rerule.model import base_model, load_trainable_state_dict, resolve_device, trainable_state_dict
 from rerule.rollout import SeqBatch, completion_hidden, completion_logits
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ STRATEGIES = ("ddp", "fsdp")
 SUM_KEYS = ("tokens", "kl", "clip_ratio_low", "clip_ratio_high", "replay_tokens", "replay_kl",
             "replay_clip_ratio_low", "replay_clip_ratio_high", "n", "w", "w2", "truncated")  # fmt: skip
 MEAN_KEYS = ("loss", "replay_loss")
+# Trainer state that is each rank's own: written to buffer-rank{r}.pt, not to the shared state.pt.
+RANK_LOCAL = ("buffer", "sampler", "rng")
 
 
 def shard_name(rank: int) -> str:
@@ -241,9 +244,12 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.comm_device.index] if self.comm_device.type == "cuda" else None
-        # No buffer broadcast: ranks run different numbers of forwards per step (replayed rows differ),
-        # and a broadcast in each forward would pair up across steps.
-        return DistributedDataParallel(CompletionScorer(model, hidden), device_ids=ids, broadcast_buffers=False)
+        # No buffer sync in forward: ranks run different numbers of forwards per step (replayed rows
+        # differ), and a broadcast in each forward would pair up across steps.
+        no_sync = {"broadcast_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+            no_sync = {"forward_sync_buffers": False}
+        return DistributedDataParallel(CompletionScorer(model, hidden), device_ids=ids, **no_sync)
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -321,6 +327,27 @@ class Dist:
         final = str(ckpt.commit_checkpoint(root, tmp, step, keep)) if self.is_main else None
         # Also a barrier: no rank goes on (or reads the checkpoint) before the rename.
         return Path(self.broadcast(final))
+
+    def save_trainer(self, trainer) -> Path:
+        """``Trainer.save_checkpoint`` in a multi-process run (every rank calls it)."""
+        state = trainer.state()
+        shard = {k: state.pop(k) for k in RANK_LOCAL}
+        shard.update(rank=self.rank, world_size=self.world_size)
+        state.update(world_size=self.world_size, strategy=self.strategy)
+        parts = {"model": self.model_state(trainer.model), "optimizer": self.optimizer_state(trainer.model,
+                 trainer.optimizer), "state": state}  # fmt: skip
+        return self.save_checkpoint(trainer.ckpt_dir, trainer.step, parts, shard, trainer.config.keep_checkpoints)
+
+    def load_trainer(self, trainer, path: Path, parts: dict) -> None:
+        """Load ``parts`` (model, optimizer, state) into ``trainer``'s model and optimizer, and this rank's
+        shard into ``parts["state"]``."""
+        if self.fsdp_on:
+            self.load_model_state(trainer.model, parts["model"])
+            self.load_optimizer_state(trainer.model, trainer.optimizer, parts["optimizer"])
+        else:
+            load_trainable_state_dict(trainer.model, parts["model"])
+            trainer.optimizer.load_state_dict(parts["optimizer"])
+        parts["state"].update({k: v for k, v in self.load_shard(path).items() if k in RANK_LOCAL})
 
     def load_shard(self, path: Path) -> dict:
         file = Path(path) / shard_name(self.rank)

@@ -235,8 +235,8 @@ class Trainer:
             return None
         path = self.out_dir / "reference.pt"
         if self.dist.fsdp_on:
-            return self.dist.fsdp_reference(template, self.model, path, resuming,
-                                            self.warm_start_stats.get("warm_start_steps", 0) > 0, self.amp)
+            warm = self.warm_start_stats.get("warm_start_steps", 0) > 0
+            return self.dist.fsdp_reference(template, self.model, path, resuming, warm, self.amp)
         ref = copy.deepcopy(self.model)
         if resuming and path.is_file():
             ref.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
@@ -336,10 +336,8 @@ class Trainer:
         if c.replay.enabled:
             self.buffer.observe([x for _, ms in ranks for x in ms])
             threshold = self.buffer.threshold
-            for keys, ms in others:
-                for key, mean in zip(keys, ms):
-                    if c.replay.evict_solved and mean >= threshold:
-                        evicted_solved += self.buffer.evict_prompt(key)
+            solved = [k for keys, ms in others for k, x in zip(keys, ms) if c.replay.evict_solved and x >= threshold]
+            evicted_solved += sum(self.buffer.evict_prompt(k) for k in solved)
             for g, key in enumerate(idx):
                 rows = slice(g * G, (g + 1) * G)
                 if c.replay.evict_solved and float(means[g]) >= threshold:
@@ -476,13 +474,7 @@ class Trainer:
         """Write model, optimizer and trainer state atomically to output_dir/checkpoints/step-N. In a
         multi-process run every rank calls it: rank 0 writes those, each rank its buffer-rank{r}.pt."""
         if self.dist.enabled:
-            state = self.state()
-            shard = {k: state.pop(k) for k in ("buffer", "sampler", "rng")}
-            shard.update(rank=self.dist.rank, world_size=self.dist.world_size)
-            state.update(world_size=self.dist.world_size, strategy=self.dist.strategy)
-            parts = {"model": self.dist.model_state(self.model), "state": state,
-                     "optimizer": self.dist.optimizer_state(self.model, self.optimizer)}  # fmt: skip
-            return self.dist.save_checkpoint(self.ckpt_dir, self.step, parts, shard, self.config.keep_checkpoints)
+            return self.dist.save_trainer(self)
         parts = {
             "model": trainable_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
@@ -492,15 +484,13 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         parts = ckpt.load_checkpoint(path, map_location="cpu")
-        if self.dist.fsdp_on:
-            self.dist.load_model_state(self.model, parts["model"])
-            self.dist.load_optimizer_state(self.model, self.optimizer, parts["optimizer"])
+        if self.dist.enabled:
+            # FSDP-aware weights and optimizer, and this rank's buffer, sampler and RNG from its shard
+            self.dist.load_trainer(self, path, parts)
         else:
             load_trainable_state_dict(self.model, parts["model"])
             self.optimizer.load_state_dict(parts["optimizer"])
         s = parts["state"]
-        if self.dist.enabled:
-            s.update(self.dist.load_shard(path))
         saved = TrainConfig.from_dict(s["config"]).to_dict()
         changed = [
             k
