@@ -59,7 +59,6 @@ from rerule.rollout import SeqBatch, completion_hidden, completion_logits
 log = logging.getLogger(__name__)
 
 RANK_SEED_STRIDE = 1_000_003
-STRATEGIES = ("ddp", "fsdp")
 # Per-rank update sums that add up over ranks; the losses are averaged (see the module docstring).
 SUM_KEYS = ("tokens", "kl", "clip_ratio_low", "clip_ratio_high", "replay_tokens", "replay_kl",
             "replay_clip_ratio_low", "replay_clip_ratio_high", "n", "w", "w2", "truncated")  # fmt: skip

@@ -14,6 +14,9 @@ How it departs from plain GRPO (RULE):
   the optimizer moves (the sampling policy, scored by the fused loss path);
 - ``replay.enabled=false`` runs the identical loop with no buffer: plain RULE, so the two compare fairly.
 
+Under ``accelerate launch`` / ``torchrun`` every rank runs this loop on its own prompts and buffer;
+gradients, loss normalizers and metrics are reduced across ranks (``rerule.distributed``).
+
 Python API (what the demo calls)::
 
     trainer = Trainer(config, model=None, tokenizer=None, task=None, reward_fn=None, evaluate_fn=None)
