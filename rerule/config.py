@@ -230,6 +230,8 @@ class ReplayConfig:
     fraction: float = _help("replayed groups per step / prompts_per_step (at least 1 group when > 0)", 0.125)
     lam: float = _help("lambda: loss = L_on + lambda * L_replay (YAML key 'lambda' or 'lam')", 1.0)
     cap: float = _help("truncation of w = min(pi_old / mu, cap) on replayed tokens", 2.0)
+    weight_kl: bool = _help("w also weighs the k3 KL term of replayed tokens (else its gradient "
+                            "beta*(1 - ref/pi) is unbounded where the policy left a replayed token)", True)
     advantages: str = _help("recomputed (self-normalized pi_current/mu mean, std) or stored", "recomputed")
     threshold: float = _help("admit a group when its mean reward is under this (absolute mode)", 0.5)
     threshold_mode: str = _help("absolute, or quantile (running quantile of recent group means)", "absolute")

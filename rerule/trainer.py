@@ -183,6 +183,8 @@ class Trainer:
                            importance_sampling_level=c.loss.importance_sampling_level)  # fmt: skip
         if c.loss.loss_type == "dr_grpo":
             loss_kwargs["max_completion_length"] = c.rollout.max_new_tokens
+        # only replayed rows carry behaviour log-probs, so this changes nothing for fresh rows
+        loss_kwargs["is_weight_kl"] = r.weight_kl
         self.micro_rows = o.micro_batch_groups * c.rollout.group_size if o.micro_batch_groups else None
         self.update = PolicyUpdate(model, loss_kwargs, self.loss_impl, c.loss.kernel_impl, self.amp,
                                    self.micro_rows, r.cap, r.lam, r.advantages,

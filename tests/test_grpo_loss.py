@@ -224,3 +224,21 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     inputs = make_inputs(1, 2, 10, seed=13)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         grpo_loss(**inputs, impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_is_weight_kl_bounds_the_kl_gradient_of_replayed_tokens(impl):
+    """A replayed token the policy has moved away from (logp << ref = mu): k3's gradient
+    beta * (1 - exp(ref - logp)) explodes; weighted by w = min(pi/mu, cap) it stays O(beta)."""
+    V = 64
+    logits = torch.zeros(1, 1, V)
+    logits[0, 0, 1:] = 30.0  # token 0 has logp ~ -34
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    mu = torch.full((1, 1), -2.0)
+    kw = dict(advantages=torch.zeros(1), behavior_logps=mu, ref_logps=mu, beta=0.01, impl=impl)
+    grads = {}
+    for flag in (False, True):
+        x = logits.clone().requires_grad_()
+        grpo_loss(x, ids, torch.ones(1, 1), is_weight_kl=flag, **kw).loss.backward()
+        grads[flag] = x.grad.abs().max().item()
+    assert grads[False] > 1e10 and grads[True] < 0.05
