@@ -230,6 +230,9 @@ class ReplayConfig:
     fraction: float = _help("replayed groups per step / prompts_per_step (at least 1 group when > 0)", 0.125)
     lam: float = _help("lambda: loss = L_on + lambda * L_replay (YAML key 'lambda' or 'lam')", 1.0)
     cap: float = _help("truncation of w = min(pi_old / mu, cap) on replayed tokens", 2.0)
+    normalize: str = _help("batch: L_on and L_replay share one normalizer over fresh + replayed rows, so "
+                           "lambda=1 weighs a replayed row like a fresh one; replay: L_replay is a mean over "
+                           "its own rows (each replayed row then weighs ~1/fraction fresh ones)", "batch")
     weight_kl: bool = _help("w also weighs the k3 KL term of replayed tokens (else its gradient "
                             "beta*(1 - ref/pi) is unbounded where the policy left a replayed token)", True)
     advantages: str = _help("recomputed (self-normalized pi_current/mu mean, std) or stored", "recomputed")
@@ -254,6 +257,7 @@ class ReplayConfig:
         _positive("replay.lambda", self.lam, allow_zero=True)
         _positive("replay.cap", self.cap)
         _choice("replay.advantages", self.advantages, ("recomputed", "stored"))
+        _choice("replay.normalize", self.normalize, ("batch", "replay"))
         _choice("replay.threshold_mode", self.threshold_mode, ("absolute", "quantile"))
         _check(0 < self.quantile < 1, "replay.quantile", f"must be in (0, 1), got {self.quantile!r}")
         _check(math.isfinite(self.threshold), "replay.threshold", "must be a finite number")

@@ -143,17 +143,19 @@ class PolicyUpdate:
         loss_impl: "logits" or "fused_linear"; kernel_impl: loss backend; amp_dtype: autocast dtype;
         rows_per_micro: rows per forward (whole groups; None: all); cap: w truncation; lam: lambda;
         advantages: "recomputed" or "stored" for replayed groups;
+        replay_normalize: "batch" (one normalizer over fresh + replayed rows) or "replay" (own mean);
         dist: a multi-process ``rerule.distributed.Dist`` (None: one process);
         forward: the module the forward goes through (DDP around ``CompletionScorer``; None: ``model``).
     """
 
     def __init__(self, model, loss_kwargs: dict, loss_impl: str, kernel_impl: str, amp_dtype,
                  rows_per_micro: int | None, cap: float, lam: float, advantages: str = "recomputed",
-                 dist=None, forward=None):  # fmt: skip
+                 dist=None, forward=None, replay_normalize: str = "batch"):  # fmt: skip
         self.model, self.kw, self.loss_impl = model, dict(loss_kwargs), loss_impl
         self.kernel_impl = kernel_impl
         self.amp, self.rows_per_micro, self.cap, self.lam = amp_dtype, rows_per_micro, cap, lam
         self.adv_mode = advantages
+        self.replay_normalize = replay_normalize
         self.dist, self.forward = dist, forward
         if loss_impl == "fused_linear":
             from rerule.fused_linear import fused_linear_grpo_loss
@@ -240,6 +242,11 @@ class PolicyUpdate:
             rows_total, totals = self.dist.per_rank_totals(rows_total + [0] * (2 - len(sets)),
                                                            totals + [0.0] * (2 - len(sets)))  # fmt: skip
             with_replay = self.lam > 0 and rows_total[1] > 0
+        if with_replay and self.replay_normalize == "batch":
+            # One normalizer over fresh + replayed rows: L = (sum_on + lambda * sum_replay) / N_all, so
+            # lambda = 1 weighs a replayed row like a fresh one (a per-set mean would weigh each of the
+            # few replayed rows ~1/fraction times a fresh row).
+            rows_total, totals = [sum(rows_total)] * 2, [sum(totals)] * 2
         device = batch.completion_ids.device
         logps = [torch.zeros(s.batch.completion_ids.shape, device=device) for s, _, _ in sets]
         acc = collections.defaultdict(float)

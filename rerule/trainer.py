@@ -188,7 +188,8 @@ class Trainer:
         self.micro_rows = o.micro_batch_groups * c.rollout.group_size if o.micro_batch_groups else None
         self.update = PolicyUpdate(model, loss_kwargs, self.loss_impl, c.loss.kernel_impl, self.amp,
                                    self.micro_rows, r.cap, r.lam, r.advantages,
-                                   self.dist if self.dist.enabled else None, self.train_forward)  # fmt: skip
+                                   self.dist if self.dist.enabled else None, self.train_forward,
+                                   replay_normalize=r.normalize)  # fmt: skip
         self.step = 0
         self._rng: dict | None = None
         self.history: list[dict] = []

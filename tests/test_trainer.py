@@ -225,9 +225,11 @@ def test_micro_batches_match_full_batch(loss_type, micro):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_replayed_loss_gradient_is_the_decoupled_objective():
+@pytest.mark.parametrize("normalize", ["replay", "batch"])
+def test_replayed_loss_gradient_is_the_decoupled_objective(normalize):
     """Replay-only gradient (fresh advantages zero) equals an independent autograd of
-    lambda * mean_seq(mean_t(-w * A_recomputed * exp(logp - logp.detach()))), w = min(exp(logp - mu), cap)."""
+    lambda * sum_seq(mean_t(-w * A_recomputed * exp(logp - logp.detach()))) / n, w = min(exp(logp - mu), cap),
+    n = replayed rows ("replay": L_replay is its own mean) or fresh + replayed rows ("batch")."""
     tok = build_char_tokenizer()
     model = build_tiny_llama(len(tok), seed=3, tokenizer=tok)
     fresh = _random_set(len(tok))
@@ -235,7 +237,8 @@ def test_replayed_loss_gradient_is_the_decoupled_objective():
     rep = _random_set(len(tok), T=6, P=4, seed=4, behavior=True)
     lam, cap = 0.7, 1.5
     kw = dict(LOSS_KW, loss_type="grpo")
-    got = _grads(model, PolicyUpdate(model, kw, "logits", "torch", None, None, cap, lam), fresh, rep)
+    update = PolicyUpdate(model, kw, "logits", "torch", None, None, cap, lam, replay_normalize=normalize)
+    got = _grads(model, update, fresh, rep)
     assert sum(float(g.abs().sum()) for g in got) > 0
 
     model.zero_grad(set_to_none=True)
@@ -251,7 +254,8 @@ def test_replayed_loss_gradient_is_the_decoupled_objective():
         rep.rewards, logp.detach().float(), rep.behavior, b.completion_mask, 4
     ).double()
     tok_loss = -w * adv[:, None] * torch.exp(logp - logp.detach())
-    (lam * ((tok_loss * m).sum(-1) / m.sum(-1)).mean()).backward()
+    n = len(rep.batch) + (len(fresh.batch) if normalize == "batch" else 0)
+    (lam * ((tok_loss * m).sum(-1) / m.sum(-1)).sum() / n).backward()
     for a, p in zip(got, model.parameters()):
         torch.testing.assert_close(a, p.grad.to(a.dtype), atol=1e-6, rtol=1e-4)
 
