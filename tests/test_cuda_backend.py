@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import rerule.kernels.cuda_grpo as cuda_grpo
 import torch
 from filelock import FileLock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import rerule.kernels.cuda_grpo as cuda_grpo
 from rerule import grpo_loss, token_logps
 from tests._grpo_cases import make_inputs, reference, rel_err
 
