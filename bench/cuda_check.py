@@ -37,11 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rerule import grpo_loss, token_logps  # noqa: E402
 from rerule.kernels import cuda_grpo  # noqa: E402
 from rerule.kernels.grpo_math import reduction_weights, sequence_terms, token_terms  # noqa: E402
 from rerule.kernels.options import LossOptions  # noqa: E402
-
-from rerule import grpo_loss, token_logps  # noqa: E402
 from tests._grpo_cases import make_inputs, reference  # noqa: E402
 
 DEV = torch.device("cuda")

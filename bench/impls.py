@@ -28,9 +28,9 @@ import math
 import os
 
 import torch
-from rerule.kernels.reference import group_advantages_reference, grpo_loss_reference, token_logps_reference
 
 import rerule
+from rerule.kernels.reference import group_advantages_reference, grpo_loss_reference, token_logps_reference
 
 from .common import SESSION, compile_enabled, profile
 from .peers import (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from rerule.kernels.options import LossOptions
 
 OPTS = dict(temperature=1.0, epsilon_low=0.2, epsilon_high=0.3, beta=0.01, loss_type="grpo")
