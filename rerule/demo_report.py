@@ -164,6 +164,8 @@ def summarize(report: dict) -> dict:
             "compute": comp,
             "replay": replay_diagnostics(r, staleness),
             "beta": _arm_setting(report, name, "loss.beta"),
+            "weight_kl": _arm_setting(report, name, "replay.weight_kl"),
+            "normalize": _arm_setting(report, name, "replay.normalize"),
             "grad_clip": _arm_setting(report, name, "optim.grad_clip"),
             "forget_dips": forget_dips(r["evals"]),
         }
@@ -363,12 +365,15 @@ def replay_verdict(summary: dict, name: str) -> list[str]:
         )
         if clip:
             why += f", so clipping at {clip:g} shrank the on-policy part about {g_rep / clip:.0f}x"
-        if a.get("beta"):
+        if a.get("beta") and a.get("weight_kl") is False:
             why += (
-                f"; with the KL term on (beta {a['beta']:g}) the k3 gradient on replayed tokens, "
-                "exp(ref - logp), is unbounded for tokens the policy has moved away from "
-                "(rerule demo --diagnose runs the loss.beta=0 and smaller-lambda arms that test this)"
+                f"; the k3 KL term (beta {a['beta']:g}) is not weighted by w on replayed tokens "
+                "(replay.weight_kl false), and its gradient beta * (1 - ref/pi) is unbounded for tokens "
+                "the policy has moved away from"
             )
+        if a.get("normalize") == "replay":
+            why += "; L_replay is a mean over its own rows (replay.normalize replay), so a replayed row "
+            why += "outweighs a fresh one about 1/fraction times"
         out.append(why)
     if not out:
         out.append(

@@ -161,7 +161,11 @@ def fake_report():
     }
     return {
         "settings": {
-            "train": {"replay": {"staleness": 4}, "loss": {"beta": 0.01}, "optim": {"grad_clip": 1.0}},
+            "train": {
+                "replay": {"staleness": 4, "weight_kl": False, "normalize": "replay"},
+                "loss": {"beta": 0.01},
+                "optim": {"grad_clip": 1.0},
+            },
             "world": {"hardness": 0.8},
         },
         "steps": 6,
@@ -225,6 +229,12 @@ def test_replay_verdict_names_collapsed_weights_and_stale_groups():
     assert "flat" in verdict  # 20 flat offers against 3 admitted
     # 50 on replay steps against 0.5: the replay term dominates, and the default clip 1.0 is named.
     assert "dominated the update" in verdict and "about 50x" in verdict and "k3" in verdict
+    assert "mean over its own rows" in verdict
+    # With the trainer's fixes (w weighs the replayed KL, one normalizer) neither cause is named.
+    for name, value in (("replay.weight_kl", True), ("replay.normalize", "batch")):
+        report["arms"]["ReRULE"]["overrides"][name] = value
+    verdict = " ".join(rep.replay_verdict(rep.summarize(report), "ReRULE"))
+    assert "dominated the update" in verdict and "k3" not in verdict and "own rows" not in verdict
 
 
 def test_diagnostic_arm_is_judged_against_its_twin():
