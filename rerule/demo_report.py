@@ -376,10 +376,14 @@ def replay_verdict(summary: dict, name: str) -> list[str]:
             why += "outweighs a fresh one about 1/fraction times"
         out.append(why)
     if not out:
+        n, n_forget = rp["replay_groups_total"], rp["replay_forget_groups_total"]
+        kind = "forget" if n and n_forget > n / 2 else "boundary"
         out.append(
-            "none of starvation, IS collapse, staleness or gradient dominance stands out; the replayed "
-            "signal was simply not needed or too small at this size"
+            f"none of starvation, IS collapse, staleness or gradient dominance stands out; {n_forget} of {n} "
+            f"replayed groups were forget groups, so replay mostly added {kind} signal"
         )
+    if d_forget >= NOISE:
+        out.append(f"it forgets more ({d_forget:+.2f} forget refusal): compare at equal forgetting in tradeoff.png")
     return [f"not ahead of {twin} ({gain:+.3f} boundary quality); measured: " + "; ".join(out)]
 
 

@@ -237,6 +237,19 @@ def test_replay_verdict_names_collapsed_weights_and_stale_groups():
     assert "dominated the update" in verdict and "k3" not in verdict and "own rows" not in verdict
 
 
+def test_replay_verdict_without_a_fault_says_what_was_replayed():
+    report = fake_report()
+    report["arms"]["ReRULE"] = _fake_arm([0.6, 0.3, 0.4], [0.2, 0.9, 0.99], replay_groups=2, w=1.0, ess=0.9,
+                                         buffer=4, stage_from=1)  # fmt: skip
+    for m in report["arms"]["ReRULE"]["history"]:
+        m["grad_norm"], m["replay_forget_groups"] = 0.6, 2 if m["replay_groups"] else 0
+        m["buffer_age_mean"] = 1.0
+    report["arms"]["ReRULE"]["buffer_counters"] = {"admitted": 10, "flat": 5}
+    verdict = " ".join(rep.replay_verdict(rep.summarize(report), "ReRULE"))
+    assert "none of starvation" in verdict and "10 of 10 replayed groups were forget groups" in verdict
+    assert "forgets more (+0.09" in verdict
+
+
 def test_diagnostic_arm_is_judged_against_its_twin():
     report = fake_report()
     report["arms"]["RULE-beta0"] = _fake_arm([0.6, 0.5, 0.6], [0.2, 0.8, 0.9])
