@@ -2,9 +2,10 @@
 
 Each hardness is its own world (pre-trained once, cached); each seed is the RL seed (sampling, buffer
 draws, warm-start subset) on that world. Per hardness and arm the sweep reports the mean and standard
-error over seeds of the final boundary quality, its gain over RULE, the final forget refusal, and
-the steps to reach RULE's final boundary quality and RULE's final (forget refusal, boundary quality)
-point; a run that never gets there counts as budget + eval interval ("never" in the table).
+error over seeds of: the final boundary quality and its gain over RULE, the final forget refusal and
+retain quality, the steps to reach RULE's final boundary quality, and the steps to reach RULE's final
+(forget refusal, boundary quality) point; a run that never gets there counts as budget + eval interval
+("never" in the table).
 """
 
 from __future__ import annotations
@@ -78,10 +79,11 @@ def sweep_summary(report: dict) -> dict:
     for c in cells:
         cap = c["steps"] + every
         for arm, a in c["summary"]["arms"].items():
-            d = by.setdefault((c["hardness"], arm), {k: [] for k in ("bq", "gain", "fr", "reach", "point")})
+            d = by.setdefault((c["hardness"], arm), {k: [] for k in ("bq", "gain", "fr", "rq", "reach", "point")})
             d["bq"].append(a["final"]["boundary_quality"])
             d["gain"].append(a["boundary_quality_gain"])
             d["fr"].append(a["final"]["forget_refusal_rate"])
+            d["rq"].append(a["final"]["retain_quality"])
             for key, name in (
                 ("reach", "steps_to_reference_final_bq"),
                 ("point", "steps_to_reference_final_point"),
@@ -95,7 +97,7 @@ def sweep_summary(report: dict) -> dict:
     stats, rows = {}, []
     for (h, arm), d in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         cap = next(c["steps"] for c in cells if c["hardness"] == h) + every
-        st = {k: ms(d[k]) for k in ("bq", "gain", "fr")}
+        st = {k: ms(d[k]) for k in ("bq", "gain", "fr", "rq")}
         for key in ("reach", "point"):
             st[key] = ms([cap if x is None else x for x in d[key]])
             st[f"{key}_never"] = sum(x is None for x in d[key])
@@ -109,6 +111,7 @@ def sweep_summary(report: dict) -> dict:
                 f"{st['bq'][0]:.3f} ± {st['bq'][1]:.3f}",
                 f"{st['gain'][0]:+.3f} ± {st['gain'][1]:.3f}",
                 f"{st['fr'][0]:.2f} ± {st['fr'][1]:.2f}",
+                f"{st['rq'][0]:.2f} ± {st['rq'][1]:.2f}",
                 _steps_cell(st, "reach"),
                 _steps_cell(st, "point"),
                 str(st["n"]),
@@ -120,6 +123,7 @@ def sweep_summary(report: dict) -> dict:
         "final boundary quality",
         "gain vs RULE",
         "final forget refusal",
+        "final retain quality",
         "steps to RULE's final BQ",
         "steps to RULE's final F&BQ",
         "seeds",
