@@ -13,6 +13,9 @@
 # pure-Python wheels in bench/wheels/ (liger-kernel, trl) are installed into a scratch folder when
 # the machine lacks them. Needs: a python3 with torch (PYTHON=... to choose), pytest, pytest-benchmark.
 set -uo pipefail
+# An inherited pytest-xdist worker id (gpu.sh started from a test worker) makes pytest-benchmark
+# disable itself; this script always runs its own single-process pytest.
+unset PYTEST_XDIST_WORKER PYTEST_XDIST_WORKER_COUNT PYTEST_ADDOPTS
 
 OUT="" CPU=0
 for arg in "$@"; do
