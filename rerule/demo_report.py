@@ -377,10 +377,9 @@ def replay_verdict(summary: dict, name: str) -> list[str]:
         out.append(why)
     if not out:
         n, n_forget = rp["replay_groups_total"], rp["replay_forget_groups_total"]
-        kind = "forget" if n and n_forget > n / 2 else "boundary"
         out.append(
-            f"none of starvation, IS collapse, staleness or gradient dominance stands out; {n_forget} of {n} "
-            f"replayed groups were forget groups, so replay mostly added {kind} signal"
+            f"none of starvation, IS collapse, staleness or gradient dominance stands out; of {n} replayed "
+            f"groups {n_forget} were forget and {n - n_forget} boundary groups"
         )
     if d_forget >= NOISE:
         out.append(f"it forgets more ({d_forget:+.2f} forget refusal): compare at equal forgetting in tradeoff.png")

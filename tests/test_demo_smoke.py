@@ -246,7 +246,7 @@ def test_replay_verdict_without_a_fault_says_what_was_replayed():
         m["buffer_age_mean"] = 1.0
     report["arms"]["ReRULE"]["buffer_counters"] = {"admitted": 10, "flat": 5}
     verdict = " ".join(rep.replay_verdict(rep.summarize(report), "ReRULE"))
-    assert "none of starvation" in verdict and "10 of 10 replayed groups were forget groups" in verdict
+    assert "none of starvation" in verdict and "of 10 replayed groups 10 were forget and 0 boundary" in verdict
     assert "forgets more (+0.09" in verdict
 
 
