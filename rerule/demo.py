@@ -1,9 +1,9 @@
 """``rerule demo``: RULE vs ReRULE end to end on a CPU, with a report and plots.
 
-    rerule demo                          # ~10 min on 2 CPU cores; runs/demo/report.{json,md} + PNGs
+    rerule demo                          # ~3.5 min on 2 CPU cores; runs/demo/report.{json,md} + PNGs
     rerule demo --set train.steps=20     # any demo.yaml key, dotted
-    rerule demo --sweep                  # hardness x seeds, ReRULE's gain vs hardness
-    rerule demo --diagnose               # + the config's diagnostic arms (KL off, smaller lambda)
+    rerule demo --sweep                  # hardness x seeds, ReRULE's gain vs hardness (~25 min)
+    rerule demo --diagnose               # + the config's diagnostic arms (replay-loss ablations)
     rerule demo --model smollm2          # SmolLM2-135M-Instruct (make smollm2), slow on a CPU
 
 What runs (every setting is in ``rerule/configs/demo.yaml``):
