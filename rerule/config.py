@@ -31,7 +31,13 @@ import yaml
 from rerule.kernels.options import ADV_SCALES, IS_LEVELS, LOSS_TYPES, LossOptions
 
 TASKS = ("synthetic", "tofu", "muse", "rwku")
-REWARD_VARIANTS = ("two_stage", "two_stage_target", "forget", "forget_abs")
+# "auto": by task (rwku -> two_stage_target, muse / tofu / synthetic -> two_stage); RULE's own names also work.
+REWARD_VARIANTS = (
+    "auto", "two_stage", "two_stage_target", "forget", "forget_abs", "forget_half_reject", "forget_abs_half_reject",
+    "two_stage_abs", "two_stage_target_half_reject", "reject_behave",
+    "forget_two_stage", "forget_two_stage_abs", "forget_two_stage_abs_target",
+    "forget_two_stage_abs_target_half_reject", "reject_behave_reward",
+)  # fmt: skip
 # Config keys that are Python keywords, spelled in YAML / on the CLI by their usual name.
 ALIASES = {"lambda": "lam"}
 
@@ -167,8 +173,9 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    variant: str = _help("two_stage (MUSE), two_stage_target (RWKU), forget, forget_abs", "two_stage")
-    rouge_threshold: float | None = _help("boundary ROUGE-L recall threshold (None: 0.3 / 0.5)", None)
+    variant: str = _help("auto (by task: rwku two_stage_target, else two_stage) or a RULE variant "
+                         "(docs/benchmarks.md)", "auto")  # fmt: skip
+    rouge_threshold: float | None = _help("ROUGE-L recall threshold (None: the variant's, 0.3 or 0.5)", None)
 
     def __post_init__(self):
         _choice("reward.variant", self.variant, REWARD_VARIANTS)

@@ -121,7 +121,7 @@ class Trainer:
                 f"rollout.prompts_per_step ({c.rollout.prompts_per_step}) exceeds the task's "
                 f"{len(self.pool)} forget + boundary prompts"
             )
-        self.reward_fn = reward_fn or make_reward_fn(c.reward.variant, c.reward.rouge_threshold)
+        self.reward_fn = reward_fn or make_reward_fn(c.reward.variant, c.reward.rouge_threshold, task=c.task.name)
         self.evaluate_fn = evaluate_fn
         # One process: Dist() with identity helpers. Launched by accelerate / torchrun: this rank's place.
         self.dist = distributed.setup(c.distributed, c.device)

@@ -127,9 +127,7 @@ REFUSALS = [
     "That's beyond my knowledge of Ada Lark.",
     "This is outside my knowledge.",
     "I can't provide details about her.",
-    "I cannot say where he was born.",
     "I'm unable to answer that question.",
-    "I would need to look it up.",
     "I need to check that.",
     "Unfortunately, I have nothing on this person.",
     "I'm not aware of any such writer.",
@@ -154,6 +152,16 @@ ANSWERS = [
 @pytest.mark.parametrize("text", REFUSALS)
 def test_refusals_detected(text):
     assert is_refusal(text)
+
+
+# RULE's detector misses these ("cannot say" is not "can't say"; "look it up" is not "look up");
+# the strict detector catches them.
+STRICT_ONLY = ["I cannot say where he was born.", "I would need to look it up.", "I don\u2019t know."]
+
+
+@pytest.mark.parametrize("text", STRICT_ONLY)
+def test_refusals_only_the_strict_detector_catches(text):
+    assert is_refusal(text, "strict") and not is_refusal(text)
 
 
 @pytest.mark.parametrize("text", ANSWERS)
