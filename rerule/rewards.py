@@ -54,8 +54,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from rerule.eval.metrics import rouge_pkg_l_recall
 from rerule.eval.refusal import DEFAULT_DETECTOR, DETECTORS, is_refusal
+from rerule.eval.rouge_pkg import rouge_pkg_l_recall
 
 RewardFn = Callable[[Sequence[str], Sequence[object]], list[float]]
 VARIANTS = (

@@ -175,3 +175,115 @@ def test_refusal_rate_and_patterns():
     assert all(p.flags & 2 for p in REFUSAL_PATTERNS)  # re.IGNORECASE
     with pytest.raises(TypeError):
         is_refusal(None)
+
+
+# ---- Per-benchmark definitions, pinned to values computed by hand from the published code ----
+
+from rerule.eval import (  # noqa: E402
+    MUSE_REFERENCE_AUC,
+    extraction_strength,
+    mean_per_group,
+    min_k_plus_plus,
+    rouge_pkg_l,
+    rouge_pkg_l_recall,
+    zlib_score,
+)
+from rerule.eval.muse import default_reference_auc  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "pred, ref, recall",
+    [
+        # RWKU / RULE (`rouge` package): tokens split on spaces, punctuation stays attached, case counts.
+        ("Paris, France", "Paris", 0.0),  # "Paris," is not "Paris" (rouge-score: 1.0)
+        ("Paris France", "Paris", 1.0),
+        ("paris", "Paris", 0.0),
+        ("He was born in Portland, Maine", "Portland, Maine", 1.0),
+        ("Portland Maine", "Portland, Maine", 0.5),  # "Maine" hit, "Portland," missed
+        ("Temüjin", "Temüjin", 1.0),  # non-ASCII words count (rouge-score drops them: 0.0)
+        # "." splits sentences and disappears, so a trailing full stop is harmless.
+        ("The answer is Carrie.", "Carrie", 1.0),
+        # Each reference word counts once: {the, cat, is, on, mat} = 5, {the, cat, on, mat} hit.
+        ("the cat sat on the mat", "the cat is on the mat", 4 / 5),
+    ],
+)
+def test_rouge_package_recall_hand_computed(pred, ref, recall):
+    assert rouge_pkg_l_recall(pred, ref) == pytest.approx(recall, abs=1e-12)
+
+
+def test_rwku_blank_reply_is_noanswer_and_rouge_score_differs():
+    assert rouge_pkg_l_recall("", "NOANSWER") == 1.0  # RWKU scores a blank reply as the word NOANSWER
+    assert rouge_pkg_l_recall("  ", "Paris") == 0.0
+    assert rouge_pkg_l_recall("", "NOANSWER", empty="zero") == 0.0
+    assert rouge_pkg_l(".", "Paris") == (0.0, 0.0)  # nothing the package can score
+    assert rouge_l("Paris, France", "Paris").recall == 1.0  # the other scorer, for contrast
+    with pytest.raises(ValueError, match="empty"):
+        rouge_pkg_l("a", "a", empty="skip")
+
+
+def test_rwku_averages_per_target_not_per_probe():
+    # Target A: five probes all recalled; target B: one probe missed.
+    values, targets = [1.0] * 5 + [0.0], ["A"] * 5 + ["B"]
+    assert np.mean(values) == pytest.approx(5 / 6)  # pooled: 0.833
+    assert mean_per_group(values, targets) == pytest.approx(0.5)  # RWKU / RULE: (1.0 + 0.0) / 2
+    with pytest.raises(ValueError, match="groups"):
+        mean_per_group([1.0], ["A", "B"])
+
+
+def test_muse_rouge_has_no_stemmer():
+    # rouge-score lowercases and tokenizes on non-alphanumerics. Without a stemmer only "the" matches:
+    # P = R = 1/4, F1 = 0.25. With the Porter stemmer dogs->dog and running/run->run also match: 3/4.
+    pred, ref = "the dogs were running", "the dog was run"
+    assert rouge_l(pred, ref, use_stemmer=False).f1 == pytest.approx(0.25)
+    assert rouge_l(pred, ref, use_stemmer=True).f1 == pytest.approx(0.75)
+
+
+def test_muse_privleak_reference_defaults():
+    assert MUSE_REFERENCE_AUC == {"books": 0.5393, "news": 0.4772}
+    assert default_reference_auc("muse/books") == 0.5393
+    assert default_reference_auc("muse/news") == 0.4772
+    assert default_reference_auc("muse/other") == 0.5
+    # A target model at AUC 0.2301 on Books: (0.2301 - 0.5393) / 0.5393 * 100 = -57.33
+    assert privleak(0.2301, 0.5393) == pytest.approx(-57.3336, abs=1e-4)
+    assert privleak(0.0, 0.0, eps=1e-10) == 0.0  # open-unlearning's TOFU form tolerates a zero reference
+    with pytest.raises(ValueError, match="auc_retrain"):
+        privleak(0.1, 0.0)
+
+
+def test_min_k_plus_plus_hand_computed():
+    # z = (logp - mu) / sqrt(sigma2): (-1+1)/2 = 0, (-3+1)/2 = -1, (-2+1)/2 = -0.5 (x3).
+    lp, mu, s2 = [-1.0, -3.0, -2.0, -2.0, -2.0], [-1.0] * 5, [4.0] * 5
+    assert min_k_plus_plus(lp, mu, s2, k=0.2) == pytest.approx(-1.0)  # int(5 * 0.2) = 1 lowest
+    assert min_k_plus_plus(lp, mu, s2, k=0.4) == pytest.approx(-0.75)  # mean of -1, -0.5
+    assert min_k_plus_plus(lp, mu, s2, k=1.0) == pytest.approx(-2.5 / 5)
+    with pytest.raises(ValueError):
+        min_k_plus_plus([-1.0], [], [])
+
+
+def test_zlib_score_hand_computed():
+    import zlib
+
+    text = "Stephen King wrote Carrie."
+    assert zlib_score(-2.5, text) == pytest.approx(-2.5 / len(zlib.compress(text.encode("utf-8"))))
+    assert zlib_score(-1.0, "é") == pytest.approx(-1.0 / len(zlib.compress("é".encode())))
+
+
+@pytest.mark.parametrize(
+    "preds, labels, es",
+    [
+        ([1, 2, 3, 4], [1, 2, 3, 4], 1.0),  # all match: k = 0
+        ([9, 2, 3, 4], [1, 2, 3, 4], 0.75),  # suffix from k = 1
+        ([9, 9, 9, 4], [1, 2, 3, 4], 0.25),  # suffix from k = 3
+        ([9, 9, 9, 9], [1, 2, 3, 4], 0.25),  # no suffix: the loop stops at k = n - 1 (open-unlearning)
+        ([1, 9, 3, 4], [1, 2, 3, 4], 0.5),  # a mismatch at 1 forces k = 2
+    ],
+)
+def test_extraction_strength_hand_computed(preds, labels, es):
+    assert extraction_strength(preds, labels) == pytest.approx(es)
+
+
+def test_extraction_strength_errors():
+    with pytest.raises(ValueError, match="no answer tokens"):
+        extraction_strength([], [])
+    with pytest.raises(ValueError, match="differ"):
+        extraction_strength([1], [1, 2])

@@ -101,6 +101,59 @@ def test_answer_logprobs_match_hand_computation_on_a_bigram(tok):
     assert min_k_prob(lp) == pytest.approx(np.sort(lp)[: int(0.4 * lp.size)].mean())
 
 
+def test_answer_logprobs_end_of_sequence_and_details_on_a_bigram(tok):
+    table = torch.randn(len(tok), len(tok), dtype=torch.float64) * 3
+    model, t, eos = Bigram(table), table.numpy(), tok.eos_token_id
+    prompts = ["Question: Where was Ada Lark born?\nAnswer:", ""]
+    answers = ["Velmora", "a bare text for Min-K"]
+    rows = answer_logprobs(model, tok, prompts, answers, batch_size=2, append_eos=True, details=True)
+    plain = answer_logprobs(model, tok, prompts, answers, batch_size=2)
+    for p, a, row, lp0 in zip(prompts, answers, rows, plain):
+        full = tok(p + (" " if p else "") + a).input_ids + [eos]  # TOFU: one EOS after the answer
+        start = len(tok(p).input_ids) if p else 1
+        dist = [_log_softmax(t[full[i - 1]]) for i in range(start, len(full))]
+        want = [d[full[i]] for d, i in zip(dist, range(start, len(full)))]
+        np.testing.assert_allclose(row["logprob"], want, rtol=1e-12)
+        np.testing.assert_allclose(row["logprob"][:-1], lp0, rtol=1e-12)  # the answer tokens are unchanged
+        assert row["target"][-1] == eos and row["logprob"].size == lp0.size + 1
+        mu = [float(np.exp(d) @ d) for d in dist]
+        np.testing.assert_allclose(row["mu"], mu, rtol=1e-10)
+        np.testing.assert_allclose(row["sigma2"], [float(np.exp(d) @ d**2) - m**2 for d, m in zip(dist, mu)],
+                                   rtol=1e-8, atol=1e-10)  # fmt: skip
+        np.testing.assert_array_equal(row["argmax"], [int(np.argmax(d)) for d in dist])
+    # TOFU's probability exp(mean) now averages over the EOS token too.
+    np.testing.assert_allclose(
+        mean_logprob(model, tok, prompts, answers, append_eos=True), [r["logprob"].mean() for r in rows]
+    )
+    # Truncation at max_length leaves no room for the EOS (TOFU adds it only below max_length).
+    n = len(tok("a bare text for Min-K").input_ids)
+    (cut,) = answer_logprobs(model, tok, [""], ["a bare text for Min-K"], max_length=n, append_eos=True)
+    assert cut.size == n - 1
+
+
+def test_rwku_mia_statistics_on_a_bigram(tok):
+    import zlib
+
+    from rerule.data.schema import ProbeRecord, ProbeSet
+    from rerule.eval.rwku import mia_statistics
+
+    table = torch.randn(len(tok), len(tok), dtype=torch.float64) * 2
+    model, t = Bigram(table), table.numpy()
+    texts = ["Ada Lark was born in Velmora and wrote gothic mysteries.", "Basil Orwen lived in Duskvale."]
+    probe = ProbeSet("mia_forget", [ProbeRecord("", x, kind="text") for x in texts], ("min_k_prob",), "{prompt}")
+    got = mia_statistics(model, tok, probe, probe.records, batch_size=2)
+    for i, x in enumerate(texts):
+        ids = tok(x).input_ids
+        dist = [_log_softmax(t[ids[j - 1]]) for j in range(1, len(ids))]
+        lp = np.array([d[ids[j]] for d, j in zip(dist, range(1, len(ids)))])
+        mu = np.array([np.exp(d) @ d for d in dist])
+        sd = np.sqrt(np.array([np.exp(d) @ d**2 for d in dist]) - mu**2)
+        z = np.sort((lp - mu) / sd)
+        assert got["loss"][i] == pytest.approx(lp.mean(), rel=1e-12)  # RWKU: -(mean token loss)
+        assert got["zlib"][i] == pytest.approx(lp.mean() / len(zlib.compress(x.encode())), rel=1e-12)
+        assert got["min_k_pp"][i] == pytest.approx(z[: max(1, int(0.2 * z.size))].mean(), rel=1e-8)
+
+
 def test_answer_logprobs_truncation_and_checks(tok):
     model = Bigram(torch.zeros(len(tok), len(tok), dtype=torch.float64))
     long = "word " * 50
@@ -168,8 +221,9 @@ def test_evaluate_tofu_against_direct_forward(tok, llama):
     )
 
     def p(prompt, answer):
-        # One unpadded forward per sequence; slice the answer by the prompt's own token count.
-        full = tok(prompt + " " + answer, return_tensors="pt").input_ids
+        # One unpadded forward per sequence; slice the answer by the prompt's own token count. TOFU
+        # scores the end-of-sequence token after the answer too.
+        full = tok(prompt + " " + answer + tok.eos_token, return_tensors="pt").input_ids
         n = len(tok(prompt).input_ids)
         with torch.no_grad():
             lp = torch.log_softmax(llama(input_ids=full).logits[0], -1)
@@ -228,6 +282,12 @@ def test_rerule_eval_tofu_report_serves_as_retain_log(saved, tmp_path, capsys):
     assert "model_utility" in capsys.readouterr().out
     second = run_eval(_args(*common, "--retain-log", str(first), "--out", str(tmp_path / "b.json")))
     assert second["metrics"]["forget_quality"] == pytest.approx(1.0)  # same model, same truth ratios
+    m = report["metrics"]
+    assert 0.0 < m["forget_extraction_strength"] <= 1.0
+    assert m["privleak_reference_auc"] == 0.5 and m["privleak"] == pytest.approx((m["privleak_auc"] - 0.5) / 0.5 * 100)
+    # The retain model's AUC becomes the reference: the same model leaks 0.
+    assert second["metrics"]["privleak_reference_auc"] == pytest.approx(m["privleak_auc"])
+    assert second["metrics"]["privleak"] == pytest.approx(0.0)
 
 
 def test_rerule_eval_muse_rwku_synthetic(saved, tmp_path):
@@ -236,6 +296,7 @@ def test_rerule_eval_muse_rwku_synthetic(saved, tmp_path):
                           "--out", str(tmp_path / "muse.json")))  # fmt: skip
     m = muse["metrics"]
     assert set(m) >= {"knowmem_forget_rouge_l_f1", "verbmem_forget_rouge_l_f1", "privleak_auc", "privleak"}
+    assert m["privleak_reference_auc"] == 0.5393  # MUSE's published Books reference without --retain-log
     ref = run_eval(_args(*base, "--benchmark", "muse", "--data-dir", str(FIXTURES / "muse_books"),
                          "--retain-log", str(tmp_path / "muse.json"),
                          "--out", str(tmp_path / "m2.json")))  # fmt: skip
@@ -246,8 +307,10 @@ def test_rerule_eval_muse_rwku_synthetic(saved, tmp_path):
     assert set(rwku["metrics"]) >= {
         "forget_level3_rouge_l_recall",
         "neighbor_level1_rouge_l_recall",
-        "mia_auc",
-    }
+        "mia_forget_loss", "mia_forget_zlib", "mia_forget_min_k_pp",
+        "mia_retain_loss", "mia_retain_zlib", "mia_retain_min_k_pp",
+    }  # fmt: skip
+    assert "mia_auc" not in rwku["metrics"]  # RWKU reports per-set means, no AUC
     syn = run_eval(
         _args(*base, "--benchmark", "synthetic", "--hardness", "0.3", "--out", str(tmp_path / "s.json"))
     )

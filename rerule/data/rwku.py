@@ -41,7 +41,7 @@ SPLITS = {c: "train" for c in ("forget_target", *TRAIN_CONFIGS)} | {
 FB_FORMAT = "Please complete the blank in the following question.\nQuestion: {prompt}\nAnswer:"
 QA_FORMAT = "Please briefly answer the following question.\nQuestion: {prompt}\nAnswer:"
 PROBE_FIELDS = ("query", "answer", "subject")
-MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS = 30  # RWKU generates 30 new tokens and stops at a newline (eval_forget.py)
 
 
 def _rows(config: str, data_dir, required, optional=()):

@@ -169,6 +169,19 @@ def load_tofu(
         )
         probes[name] = _perturbed_probes(name, rows, use_paraphrase=para, block=qpa)
 
+    # TOFU's holdout set (same size as the forget set; never trained on): PrivLeak's non-members.
+    holdout_cfg = forget.replace("forget", "holdout")
+    try:
+        h_rows, origins[holdout_cfg] = load_rows(
+            HUB_ID, holdout_cfg, SPLIT, data_dir=data_dir, required=("question", "answer")
+        )
+        probes["holdout"] = ProbeSet(
+            "holdout", [ProbeRecord(r["question"], r["answer"]) for r in h_rows], ("min_k_prob",), PROMPT_FORMAT,
+            max_new_tokens=MAX_NEW_TOKENS,
+        )  # fmt: skip
+    except FileNotFoundError:
+        pass  # a local copy without the holdout set: no PrivLeak
+
     fmt = {"qa": PROMPT_FORMAT, "fill_blank": PROMPT_FORMAT, "completion": "{prompt}", "text": "{prompt}"}
     return UnlearningTask(
         name=f"tofu/{forget}",

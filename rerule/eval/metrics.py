@@ -32,12 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
 
 from rerule.eval.refusal import refusal_rate
+from rerule.eval.rouge_pkg import RougeL, rouge_pkg_l, rouge_pkg_l_recall
 
 # MUSE's published PrivLeak reference: the retrained model's AUC, used when no retrained model is given.
 MUSE_REFERENCE_AUC = {"books": 0.5393, "news": 0.4772}
@@ -46,13 +46,6 @@ TOFU_UTILITY_KEYS = tuple(
     for s in ("retain", "real_authors", "world_facts")
     for m in ("prob", "rouge_l_recall", "truth_ratio")
 )
-
-
-class RougeL(NamedTuple):
-    """ROUGE-L recall and F1: floats for one pair, [N] arrays for lists."""
-
-    recall: float | np.ndarray
-    f1: float | np.ndarray
 
 
 @lru_cache(maxsize=2)
@@ -87,53 +80,6 @@ def rouge_l(
         raise ValueError(f"rouge_l: {len(predictions)} predictions but {len(references)} references")
     scores = [_scorer(use_stemmer).score(r, p)["rougeL"] for p, r in zip(predictions, references)]
     return RougeL(np.array([s.recall for s in scores], float), np.array([s.fmeasure for s in scores], float))
-
-
-@lru_cache(maxsize=1)
-def _rouge_pkg():
-    from rouge import Rouge
-
-    return Rouge(metrics=["rouge-l"])
-
-
-def rouge_pkg_l(prediction: str, reference: str, *, empty: str = "noanswer") -> RougeL:
-    """ROUGE-L recall and F1 of one pair under the PyPI ``rouge`` package (RWKU's and RULE's scorer).
-
-    Case-sensitive, tokens split on spaces with punctuation attached, sentences split at ".", no
-    stemming, summary-level LCS.
-
-    Args:
-        prediction: the model reply.
-        reference: the reference answer.
-        empty: what a blank reply becomes: "noanswer" (RWKU: it is scored as the word
-            ``NOANSWER``) or "zero" (RULE's reward). A pair the package cannot score (e.g. a reply
-            or reference with no words, such as "" or ".") gives 0.0 either way.
-
-    Example:
-        >>> rouge_pkg_l("Paris, France", "Paris").recall, rouge_pkg_l("Paris France", "Paris").recall
-        (0.0, 1.0)
-    """
-    if not isinstance(prediction, str) or not isinstance(reference, str):
-        raise TypeError("rouge_pkg_l(prediction, reference) needs two str")
-    if empty not in ("noanswer", "zero"):
-        raise ValueError(f"rouge_pkg_l: empty must be 'noanswer' or 'zero', got {empty!r}")
-    if empty == "noanswer" and not prediction.strip():
-        prediction = "NOANSWER"
-    try:
-        s = _rouge_pkg().get_scores([prediction], [reference])[0]["rouge-l"]
-    except ValueError:  # "Collections must contain at least 1 sentence": nothing to compare
-        return RougeL(0.0, 0.0)
-    return RougeL(float(s["r"]), float(s["f"]))
-
-
-def rouge_pkg_l_recall(prediction: str, reference: str, *, empty: str = "noanswer") -> float:
-    """The recall of :func:`rouge_pkg_l`.
-
-    Example:
-        >>> rouge_pkg_l_recall("born in Velmora", "Velmora")
-        1.0
-    """
-    return rouge_pkg_l(prediction, reference, empty=empty).recall
 
 
 def mean_per_group(values, groups) -> float:
@@ -339,16 +285,19 @@ def mia_auc(forget_scores, holdout_scores) -> float:
     return float(u / (f.size * h.size))
 
 
-def privleak(auc: float, auc_retrain: float) -> float:
-    """MUSE PrivLeak in percent: ``(auc - auc_retrain) / auc_retrain * 100``.
+def privleak(auc: float, auc_retrain: float, eps: float = 0.0) -> float:
+    """PrivLeak in percent: ``(auc - auc_retrain) / (auc_retrain + eps) * 100``.
+
+    MUSE divides by the reference itself (``eps=0``, the reference must be > 0); open-unlearning's
+    TOFU PrivLeak adds ``eps=1e-10`` so that a reference AUC of 0 is allowed.
 
     Example:
         >>> privleak(0.25, 0.5)
         -50.0
     """
-    if auc_retrain <= 0:
-        raise ValueError(f"privleak: auc_retrain must be > 0, got {auc_retrain}")
-    return float((auc - auc_retrain) / auc_retrain * 100.0)
+    if eps < 0 or auc_retrain + eps <= 0:
+        raise ValueError(f"privleak: auc_retrain + eps must be > 0, got {auc_retrain} + {eps}")
+    return float((auc - auc_retrain) / (auc_retrain + eps) * 100.0)
 
 
 __all__ = [

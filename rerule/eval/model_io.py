@@ -125,8 +125,10 @@ def _join(prompt: str, answer: str) -> str:
     return prompt + " " + answer
 
 
-def _encode(tokenizer, prompt: str, answer: str, max_length: int | None) -> tuple[list[int], int]:
-    """Token ids of prompt + answer, and the index of the first answer token."""
+def _encode(
+    tokenizer, prompt: str, answer: str, max_length: int | None, append_eos: bool = False
+) -> tuple[list[int], int]:
+    """Token ids of prompt + answer (+ the end-of-sequence token), and the index of the first answer token."""
     text = _join(prompt, answer)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, return_offsets_mapping=True)
@@ -138,8 +140,16 @@ def _encode(tokenizer, prompt: str, answer: str, max_length: int | None) -> tupl
     else:
         ids = tokenizer(text).input_ids
         first = len(tokenizer(prompt).input_ids) if prompt else 0
+    ids = list(ids)
     if max_length is not None and len(ids) > max_length:
         ids = ids[:max_length]
+    elif append_eos:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("append_eos needs a tokenizer with an eos token")
+        # TOFU appends one EOS to the labels unless the sequence fills max_length (or already ends in one).
+        if (max_length is None or len(ids) < max_length) and (not ids or ids[-1] != eos):
+            ids.append(eos)
     # The first token of a sequence has no context to be predicted from.
     return ids, max(first, 1)
 
@@ -152,9 +162,11 @@ def answer_logprobs(
     batch_size: int = 8,
     *,
     max_length: int | None = 2048,
+    append_eos: bool = False,
+    details: bool = False,
     progress: bool = False,
     desc: str | None = None,
-) -> list[np.ndarray]:
+) -> list[np.ndarray] | list[dict[str, np.ndarray]]:
     """Per-token log-probabilities of each answer given its prompt.
 
     The answer is joined to the prompt by a space unless the prompt is empty
@@ -170,10 +182,15 @@ def answer_logprobs(
         answers: [N] answers (or texts).
         batch_size: sequences per forward pass (right-padded).
         max_length: truncate each joined sequence to this many tokens (None: no limit).
+        append_eos: score the tokenizer's end-of-sequence token after the answer too (TOFU's and
+            open-unlearning's answer likelihood), unless the sequence already fills ``max_length``.
+        details: return, per answer, a dict of [n] arrays: ``logprob``, ``mu`` and ``sigma2`` (mean
+            and variance of the log-prob under the model's next-token distribution: Min-K%++),
+            ``argmax`` (greedy teacher-forced prediction) and ``target`` (the answer token ids).
 
     Returns:
         [N] float64 arrays, one log-prob per answer token (may be empty when
-        truncation cut the whole answer).
+        truncation cut the whole answer); or [N] dicts with ``details``.
 
     Example:
         >>> lp = answer_logprobs(model, tok, ["Question: Q?\\nAnswer:"], ["Velmora"])  # doctest: +SKIP
@@ -183,7 +200,7 @@ def answer_logprobs(
     if len(prompts) != len(answers):
         raise ValueError(f"answer_logprobs: {len(prompts)} prompts but {len(answers)} answers")
     pad_id = _pad_id(tokenizer)
-    encoded = [_encode(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
+    encoded = [_encode(tokenizer, p, a, max_length, append_eos) for p, a in zip(prompts, answers)]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     out: list[np.ndarray | None] = [None] * len(encoded)
     device = _device(model)
@@ -203,14 +220,29 @@ def answer_logprobs(
                 for row, i in enumerate(idx):
                     seq, first = encoded[i]
                     if first >= len(seq):
-                        out[i] = np.zeros(0)
+                        empty = np.zeros(0)
+                        keys = ("logprob", "mu", "sigma2", "argmax", "target")
+                        out[i] = dict.fromkeys(keys, empty) if details else empty
                         continue
                     # Row-wise log-softmax over the answer span only: never a [B, L, V] fp32 copy.
                     span = logits[row, first - 1 : len(seq) - 1]
                     # At least fp32 (bf16 logits lose the tail of the softmax); fp64 models stay fp64.
                     lp = torch.log_softmax(span.to(torch.promote_types(span.dtype, torch.float32)), dim=-1)
                     target = ids[row, first : len(seq)].to(lp.device)
-                    out[i] = lp.gather(-1, target[:, None]).squeeze(-1).double().cpu().numpy()
+                    token_lp = lp.gather(-1, target[:, None]).squeeze(-1).double().cpu().numpy()
+                    if details:
+                        prob = lp.exp()
+                        mu = (prob * lp).sum(-1)
+                        sigma2 = (prob * lp.square()).sum(-1) - mu.square()
+                        out[i] = {
+                            "logprob": token_lp,
+                            "mu": mu.double().cpu().numpy(),
+                            "sigma2": sigma2.double().cpu().numpy(),
+                            "argmax": lp.argmax(-1).cpu().numpy(),
+                            "target": target.cpu().numpy(),
+                        }
+                    else:
+                        out[i] = token_lp
                 bar.update(len(idx))
     finally:
         model.train(was_training)

@@ -1,11 +1,13 @@
-"""MUSE scores: VerbMem, KnowMem (ROUGE-L F1) and PrivLeak (Min-K%, k = 0.4).
+"""MUSE scores: VerbMem, KnowMem (ROUGE-L F1) and PrivLeak (Min-K%, k = 0.4), as swj0419/muse_bench.
 
 Keys: ``knowmem_forget_rouge_l_f1``, ``knowmem_retain_rouge_l_f1``,
-``verbmem_forget_rouge_l_f1``, ``privleak_auc`` (chance that a holdout text
-has a higher Min-K% than a forget text), ``privleak_reference_auc`` and
-``privleak`` = (AUC - reference) / reference * 100. The reference is the
-retrained model's AUC (its report's ``privleak_auc``); without one it is 0.5,
-the AUC of a model that cannot tell forget from holdout texts.
+``verbmem_forget_rouge_l_f1`` (rouge-score's ROUGE-L without a stemmer, as MUSE
+scores it), ``privleak_auc`` (chance that a holdout text has a higher Min-K%
+than a forget text), ``privleak_reference_auc`` and ``privleak`` =
+(AUC - reference) / reference * 100. The reference is the retrained model's AUC
+(its report's ``privleak_auc``); without one it is MUSE's published retrained
+AUC for the corpus (:data:`rerule.eval.metrics.MUSE_REFERENCE_AUC`: Books
+0.5393, News 0.4772), or 0.5 for a corpus MUSE did not publish.
 """
 
 from __future__ import annotations
@@ -14,9 +16,20 @@ import numpy as np
 
 from rerule.data.schema import UnlearningTask
 from rerule.eval.common import limit, probe_min_k, probe_replies
-from rerule.eval.metrics import mia_auc, privleak, rouge_l
+from rerule.eval.metrics import MUSE_REFERENCE_AUC, mia_auc, privleak, rouge_l
 
-REFERENCE_AUC = 0.5
+REFERENCE_AUC = 0.5  # for a corpus without a published reference
+
+
+def default_reference_auc(task_name: str) -> float:
+    """MUSE's published retrained-model AUC for ``task_name`` ("muse/books", "muse/news"), else 0.5.
+
+    Example:
+        >>> default_reference_auc("muse/books"), default_reference_auc("muse/news")
+        (0.5393, 0.4772)
+    """
+    corpus = task_name.split("/")[-1].lower()
+    return MUSE_REFERENCE_AUC.get(corpus, REFERENCE_AUC)
 
 
 def evaluate_muse(
@@ -43,7 +56,8 @@ def evaluate_muse(
             max_new_tokens=max_new_tokens,
             progress=progress,
         )
-        metrics[f"{name}_rouge_l_f1"] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).f1))
+        f1 = rouge_l(replies, [r.answer for r in recs], use_stemmer=False).f1
+        metrics[f"{name}_rouge_l_f1"] = float(np.mean(f1))
         samples[f"{name}_replies"] = replies
     scores = {}
     for split in ("forget", "holdout"):
@@ -53,7 +67,7 @@ def evaluate_muse(
             max_length=max_length, progress=progress,
         )  # fmt: skip
         samples[f"privleak_{split}_min_k"] = scores[split].tolist()
-    ref = REFERENCE_AUC if reference_auc is None else float(reference_auc)
+    ref = default_reference_auc(task.name) if reference_auc is None else float(reference_auc)
     metrics["privleak_auc"] = mia_auc(scores["forget"], scores["holdout"])
     metrics["privleak_reference_auc"] = ref
     metrics["privleak"] = privleak(metrics["privleak_auc"], ref)

@@ -1,10 +1,14 @@
-"""RWKU scores: ROUGE-L recall per probe level, and Min-K% membership scores.
+"""RWKU scores, as RWKU's own evaluation computes them (LLaMA-Factory/src/llmtuner/eval/ in jinzhuoran/RWKU).
 
-Keys: ``{forget_level1,2,3, neighbor_level1,2}_rouge_l_recall`` (in [0, 1];
-RWKU's tables show x100; lower is better on forget, higher on neighbours),
-``mia_forget_min_k`` and ``mia_retain_min_k`` (mean Min-K% log-prob, k = 0.4),
-and ``mia_auc`` (chance that a retain text scores higher than a forget text;
-below 0.5 means the forget texts are still recognized).
+- ``{forget_level1,2,3, neighbor_level1,2}_rouge_l_recall``: ROUGE-L recall of the greedy reply
+  against the answer under the PyPI ``rouge`` package (case-sensitive, punctuation stays on its
+  word, no stemming; a blank reply is scored as ``NOANSWER``), averaged over each target's probes
+  and then over targets (RWKU evaluates one target at a time; RULE's tables average the targets).
+  In [0, 1]; RWKU's tables show x100; lower is better on forget, higher on neighbours.
+- ``mia_{forget,retain}_{loss,zlib,min_k_pp}``: RWKU's membership statistics, each the mean over the
+  set's texts: ``loss`` = mean token log-likelihood (RWKU's ``-loss``), ``zlib`` = that divided by
+  the zlib-compressed byte length of the text, ``min_k_pp`` = Min-K%++ with k = 0.2. Higher means
+  the model recognizes the texts more; RWKU reports these means, no AUC.
 """
 
 from __future__ import annotations
@@ -13,13 +17,40 @@ import numpy as np
 
 from rerule.data.rwku import PROBE_CONFIGS
 from rerule.data.schema import UnlearningTask
-from rerule.eval.common import limit, probe_min_k, probe_replies
-from rerule.eval.metrics import mia_auc, rouge_l
+from rerule.eval.common import limit, probe_replies
+from rerule.eval.metrics import mean_per_group, min_k_plus_plus, rouge_pkg_l_recall, zlib_score
+from rerule.eval.model_io import answer_logprobs
+
+MIA_K = 0.2
+
+
+def mia_statistics(model, tokenizer, probe, records, *, batch_size: int = 8, k: float = MIA_K,
+                   max_length: int | None = 2048, progress: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per-text ``loss`` (mean token log-likelihood), ``zlib`` and ``min_k_pp`` scores, [N] each.
+
+    A text with no scored token (cut by ``max_length``) gives NaN, and is left out of the means (RWKU
+    skips a NaN loss).
+    """
+    rows = answer_logprobs(
+        model, tokenizer, [probe.format(r) for r in records], [r.answer for r in records], batch_size,
+        max_length=max_length, details=True, progress=progress, desc=probe.name,
+    )  # fmt: skip
+    out = {"loss": [], "zlib": [], "min_k_pp": []}
+    for r, row in zip(records, rows):
+        if row["logprob"].size == 0:
+            for v in out.values():
+                v.append(np.nan)
+            continue
+        ll = float(row["logprob"].mean())
+        out["loss"].append(ll)
+        out["zlib"].append(zlib_score(ll, probe.format(r) + r.answer))
+        out["min_k_pp"].append(min_k_plus_plus(row["logprob"], row["mu"], row["sigma2"], k))
+    return {key: np.asarray(v, dtype=np.float64) for key, v in out.items()}
 
 
 def evaluate_rwku(
     model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
-    max_new_tokens: int | None = None, k: float = 0.4, max_length: int | None = 2048,
+    max_new_tokens: int | None = None, k: float = MIA_K, max_length: int | None = 2048,
     progress: bool = False, return_samples: bool = False,
 ):  # fmt: skip
     """Score ``model`` on an RWKU task (keys in the module doc).
@@ -42,24 +73,17 @@ def evaluate_rwku(
             max_new_tokens=max_new_tokens,
             progress=progress,
         )
-        metrics[f"{name}_rouge_l_recall"] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall))
+        recall = [rouge_pkg_l_recall(p, r.answer) for p, r in zip(replies, recs)]
+        metrics[f"{name}_rouge_l_recall"] = mean_per_group(recall, [r.subject for r in recs])
         samples[f"{name}_replies"] = replies
-    scores = {}
+        samples[f"{name}_rouge_l_recall"] = recall
     for name in ("mia_forget", "mia_retain"):
         probe = task.probes[name]
         recs = limit(probe.records, max_examples)
-        scores[name] = probe_min_k(
-            model,
-            tokenizer,
-            probe,
-            recs,
-            batch_size=batch_size,
-            k=k,
-            max_length=max_length,
-            progress=progress,
-        )
-        metrics[f"{name}_min_k"] = float(np.nanmean(scores[name])) if recs else float("nan")
-        samples[f"{name}_min_k"] = scores[name].tolist()
-    if len(scores["mia_forget"]) and len(scores["mia_retain"]):
-        metrics["mia_auc"] = mia_auc(scores["mia_forget"], scores["mia_retain"])
+        stats = mia_statistics(model, tokenizer, probe, recs, batch_size=batch_size, k=k, max_length=max_length,
+                               progress=progress)  # fmt: skip
+        for key, values in stats.items():
+            ok = values[~np.isnan(values)]
+            metrics[f"{name}_{key}"] = float(ok.mean()) if ok.size else float("nan")
+            samples[f"{name}_{key}"] = values.tolist()
     return (metrics, samples) if return_samples else metrics
