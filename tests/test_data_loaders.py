@@ -60,7 +60,9 @@ def test_muse_fixture_parquet_layout():
         "Question: Who is the keeper of the lighthouse at Gull Rock?\nAnswer: "
     )
     vm = task.probes["verbmem_forget"]
-    assert vm.max_new_tokens == 128 and vm.format(vm.records[0]).startswith("Completion: The lamp")
+    # MUSE's verbmem.py feeds the raw excerpt and generates 128 tokens; KnowMem is cut by the evaluator.
+    assert vm.max_new_tokens == 128 and vm.format(vm.records[0]) == "The lamp at Gull Rock turned all night, and Morwen"
+    assert not km.stop_at_newline
     assert task.probes["privleak_holdout"].metrics == ("min_k_prob",)
     assert len(task.documents) == 4
     assert task.meta["files"]["knowmem/forget_qa"].endswith("forget_qa-00000-of-00001.parquet")

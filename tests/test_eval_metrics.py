@@ -287,3 +287,24 @@ def test_extraction_strength_errors():
         extraction_strength([], [])
     with pytest.raises(ValueError, match="differ"):
         extraction_strength([1], [1, 2])
+
+
+def test_muse_knowmem_cut_and_verbmem_reference():
+    from rerule.eval.muse import cut_knowmem_reply, truncate_reference
+
+    # MUSE's knowmem.py splits at "\n\n", then "\nQuestion", then "Question:" and keeps the head.
+    assert cut_knowmem_reply(" Morwen Tate\nof Gull Rock\n\nQuestion: x") == " Morwen Tate\nof Gull Rock"
+    assert cut_knowmem_reply("green\nQuestion: next") == "green"
+    assert cut_knowmem_reply("\n\ngreen") == ""  # a reply that opens with a blank line is empty, as in MUSE
+
+    class Tok:  # whitespace tokenizer with a BOS, to check MUSE's reference truncation by hand
+        def __call__(self, text, add_special_tokens=True):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(input_ids=(["<s>"] if add_special_tokens else []) + text.split())
+
+        def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=True):
+            return " ".join(i for i in ids if not (skip_special_tokens and i == "<s>"))
+
+    # MUSE slices the first max_new_tokens ids *including* the BOS, so 3 tokens keep 2 words.
+    assert truncate_reference(Tok(), "one two three four", 3) == "one two"

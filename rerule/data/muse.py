@@ -86,7 +86,7 @@ def load_muse(
         recs = [ProbeRecord(r["question"], r["answer"], subject) for r in split_rows[split]]
         return ProbeSet(
             name, recs, ("rouge_l_f1",), KNOWMEM_FORMAT, prefix=_few_shot(split_rows[icl]),
-            max_new_tokens=KNOWMEM_TOKENS, stop_at_newline=True,
+            max_new_tokens=KNOWMEM_TOKENS, stop_at_newline=False,  # MUSE cuts at "\n\n" / "Question" instead
         )  # fmt: skip
 
     probes = {
@@ -96,7 +96,7 @@ def load_muse(
             "verbmem_forget",
             [ProbeRecord(r["prompt"], r["gt"], subject, kind="completion") for r in verb],
             ("rouge_l_f1",),
-            VERBMEM_FORMAT,
+            "{prompt}",  # MUSE feeds the raw excerpt (VERBMEM_FORMAT is the training format only)
             max_new_tokens=VERBMEM_TOKENS,
             stop_at_newline=False,
         ),

@@ -20,9 +20,9 @@ def limit(records: list[ProbeRecord], max_examples: int | None) -> list[ProbeRec
 
 def probe_replies(
     model, tokenizer, probe: ProbeSet, records: list[ProbeRecord], *, batch_size: int,
-    max_new_tokens: int | None = None, progress: bool = False,
+    max_new_tokens: int | None = None, progress: bool = False, strip: bool = True,
 ) -> list[str]:  # fmt: skip
-    """Greedy replies to ``records`` in ``probe``'s format and length, stripped."""
+    """Greedy replies to ``records`` in ``probe``'s format and length, stripped unless ``strip=False``."""
     replies = generate_greedy(
         model,
         tokenizer,
@@ -33,7 +33,7 @@ def probe_replies(
         progress=progress,
         desc=probe.name,
     )
-    return [r.strip() for r in replies]
+    return [r.strip() for r in replies] if strip else replies
 
 
 def probe_min_k(

@@ -2,7 +2,9 @@
 
 Keys: ``knowmem_forget_rouge_l_f1``, ``knowmem_retain_rouge_l_f1``,
 ``verbmem_forget_rouge_l_f1`` (rouge-score's ROUGE-L without a stemmer, as MUSE
-scores it), ``privleak_auc`` (chance that a holdout text has a higher Min-K%
+scores it; KnowMem replies are cut at MUSE's markers "\\n\\n", "\\nQuestion",
+"Question:"; VerbMem feeds the raw excerpt and scores against the reference's
+first ``max_new_tokens`` tokens, as MUSE does), ``privleak_auc`` (chance that a holdout text has a higher Min-K%
 than a forget text), ``privleak_reference_auc`` and ``privleak`` =
 (AUC - reference) / reference * 100. The reference is the retrained model's AUC
 (its report's ``privleak_auc``); without one it is MUSE's published retrained
@@ -19,6 +21,26 @@ from rerule.eval.common import limit, probe_min_k, probe_replies
 from rerule.eval.metrics import MUSE_REFERENCE_AUC, mia_auc, privleak, rouge_l
 
 REFERENCE_AUC = 0.5  # for a corpus without a published reference
+KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")  # MUSE's knowmem.py cuts a reply before these
+
+
+def cut_knowmem_reply(text: str) -> str:
+    """A KnowMem reply up to MUSE's stop markers (applied in order, as MUSE does).
+
+    Example:
+        >>> cut_knowmem_reply("Morwen Tate\nof Gull Rock\n\nQuestion: Who?")
+        'Morwen Tate\nof Gull Rock'
+    """
+    for stop in KNOWMEM_STOPS:
+        text = text.split(stop)[0]
+    return text
+
+
+def truncate_reference(tokenizer, text: str, max_tokens: int) -> str:
+    """MUSE's VerbMem reference: its first ``max_tokens`` tokens (special tokens included, as MUSE
+    encodes with ``add_special_tokens=True``), decoded without them."""
+    ids = tokenizer(text, add_special_tokens=True).input_ids[:max_tokens]
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
 
 def default_reference_auc(task_name: str) -> float:
@@ -55,8 +77,15 @@ def evaluate_muse(
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             progress=progress,
+            strip=False,  # MUSE cuts the raw reply (a leading "\n\n" empties it)
         )
-        f1 = rouge_l(replies, [r.answer for r in recs], use_stemmer=False).f1
+        refs = [r.answer for r in recs]
+        if name.startswith("knowmem"):
+            replies = [cut_knowmem_reply(t) for t in replies]
+        else:
+            n = max_new_tokens or probe.max_new_tokens
+            refs = [truncate_reference(tokenizer, a, n) for a in refs]
+        f1 = rouge_l(replies, refs, use_stemmer=False).f1
         metrics[f"{name}_rouge_l_f1"] = float(np.mean(f1))
         samples[f"{name}_replies"] = replies
     scores = {}
