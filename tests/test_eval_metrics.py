@@ -308,3 +308,33 @@ def test_muse_knowmem_cut_and_verbmem_reference():
 
     # MUSE slices the first max_new_tokens ids *including* the BOS, so 3 tokens keep 2 words.
     assert truncate_reference(Tok(), "one two three four", 3) == "one two"
+
+
+def test_rwku_prompts_follow_rwku_eval_code():
+    from rerule.data.schema import ProbeRecord
+    from rerule.eval.rwku import rwku_prompts
+
+    class Plain:
+        chat_template = None
+
+    class Chat:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            assert not tokenize and add_generation_prompt and messages[0]["role"] == "user"
+            return "<u>" + messages[0]["content"] + "</u><a>"
+
+    fb = ProbeRecord("___ wrote Carrie.", "Stephen King", "Stephen King")
+    suffix = ProbeRecord("Stephen King's first novel is", "Carrie", "Stephen King", meta={"type": "affirmative suffix"})
+    icl = ProbeRecord("Question: Q1\nAnswer: A1\nQuestion: Q2", "Carrie", meta={"type": "incontext learning"})
+    assert rwku_prompts(Plain(), "neighbor_level1", [fb]) == [
+        "Please complete the blank in the following question.\nQuestion: ___ wrote Carrie.\nAnswer:"
+    ]
+    assert rwku_prompts(Chat(), "forget_level2", [fb]) == [
+        "<u>Please briefly answer the following question.\nQuestion: ___ wrote Carrie.\n</u><a>Answer:"
+    ]
+    assert rwku_prompts(Chat(), "forget_level3", [suffix, icl]) == [
+        "<u>Please briefly answer the following question.\nQuestion: Stephen King's first novel is</u><a>",
+        "<u>Please briefly answer the following question.\nQuestion: Q1\nAnswer: A1\nQuestion: Q2\n</u><a>Answer:",
+    ]
+    assert rwku_prompts(Chat(), "forget_level1", [fb], chat_template=False)[0].startswith("Please complete")

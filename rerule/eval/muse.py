@@ -25,7 +25,7 @@ KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")  # MUSE's knowmem.py cuts a 
 
 
 def cut_knowmem_reply(text: str) -> str:
-    """A KnowMem reply up to MUSE's stop markers (applied in order, as MUSE does).
+    r"""A KnowMem reply up to MUSE's stop markers (applied in order, as MUSE does).
 
     Example:
         >>> cut_knowmem_reply("Morwen Tate\nof Gull Rock\n\nQuestion: Who?")

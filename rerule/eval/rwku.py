@@ -5,6 +5,12 @@
   word, no stemming; a blank reply is scored as ``NOANSWER``), averaged over each target's probes
   and then over targets (RWKU evaluates one target at a time; RULE's tables average the targets).
   In [0, 1]; RWKU's tables show x100; lower is better on forget, higher on neighbours.
+- Prompts as RWKU builds them (eval_forget.py, eval_neighbor.py): level 1 "Please complete the
+  blank in the following question.\\nQuestion: {q}\\n", level 2 and neighbours' level 2 "Please
+  briefly answer the following question.\\nQuestion: {q}\\n", level 3 by probe type ("affirmative
+  suffix": no trailing newline and no "Answer:"; "incontext learning": the query without
+  "Question:"), wrapped in the tokenizer's chat template as a user turn when it has one, then
+  "Answer:". Greedy, 30 new tokens, cut at the first newline.
 - ``mia_{forget,retain}_{loss,zlib,min_k_pp}``: RWKU's membership statistics, each the mean over the
   set's texts: ``loss`` = mean token log-likelihood (RWKU's ``-loss``), ``zlib`` = that divided by
   the zlib-compressed byte length of the text, ``min_k_pp`` = Min-K%++ with k = 0.2. Higher means
@@ -17,11 +23,45 @@ import numpy as np
 
 from rerule.data.rwku import PROBE_CONFIGS
 from rerule.data.schema import UnlearningTask
-from rerule.eval.common import limit, probe_replies
+from rerule.eval.common import limit
 from rerule.eval.metrics import mean_per_group, min_k_plus_plus, rouge_pkg_l_recall, zlib_score
-from rerule.eval.model_io import answer_logprobs
+from rerule.eval.model_io import answer_logprobs, generate_greedy
 
 MIA_K = 0.2
+_FB = "Please complete the blank in the following question.\nQuestion: {}\n"
+_QA = "Please briefly answer the following question.\nQuestion: {}\n"
+
+
+def rwku_user_text(probe_name: str, record) -> tuple[str, bool]:
+    r"""RWKU's user message for a probe and whether "Answer:" follows the (templated) message.
+
+    Example:
+        >>> from rerule.data.schema import ProbeRecord
+        >>> rwku_user_text("forget_level1", ProbeRecord("___ wrote Carrie.", "Stephen King"))
+        ('Please complete the blank in the following question.\nQuestion: ___ wrote Carrie.\n', True)
+    """
+    q = record.prompt
+    if probe_name.endswith("level1"):
+        return _FB.format(q), True
+    if probe_name.endswith("level3"):
+        kind = (record.meta or {}).get("type")
+        if kind == "affirmative suffix":
+            return f"Please briefly answer the following question.\nQuestion: {q}", False
+        if kind == "incontext learning":
+            return f"Please briefly answer the following question.\n{q}\n", True
+    return _QA.format(q), True
+
+
+def rwku_prompts(tokenizer, probe_name: str, records, chat_template: bool | None = None) -> list[str]:
+    """RWKU's generation prompts; ``chat_template`` None: use the tokenizer's template if it has one."""
+    use = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    out = []
+    for r in records:
+        user, answer_cue = rwku_user_text(probe_name, r)
+        text = (tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                              add_generation_prompt=True) if use else user)  # fmt: skip
+        out.append(text + ("Answer:" if answer_cue else ""))
+    return out
 
 
 def mia_statistics(model, tokenizer, probe, records, *, batch_size: int = 8, k: float = MIA_K,
@@ -51,9 +91,12 @@ def mia_statistics(model, tokenizer, probe, records, *, batch_size: int = 8, k: 
 def evaluate_rwku(
     model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
     max_new_tokens: int | None = None, k: float = MIA_K, max_length: int | None = 2048,
-    progress: bool = False, return_samples: bool = False,
+    chat_template: bool | None = None, progress: bool = False, return_samples: bool = False,
 ):  # fmt: skip
     """Score ``model`` on an RWKU task (keys in the module doc).
+
+    Args:
+        chat_template: wrap prompts in the tokenizer's chat template (None: when it has one).
 
     Returns:
         ``dict[str, float]``, or ``(metrics, samples)`` with ``return_samples``.
@@ -64,15 +107,11 @@ def evaluate_rwku(
         recs = limit(probe.records, max_examples)
         if not recs:
             continue
-        replies = probe_replies(
-            model,
-            tokenizer,
-            probe,
-            recs,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-        )
+        replies = generate_greedy(
+            model, tokenizer, rwku_prompts(tokenizer, name, recs, chat_template),
+            max_new_tokens or probe.max_new_tokens, batch_size, stop_at_newline=True, progress=progress, desc=name,
+        )  # fmt: skip
+        replies = [t.strip() for t in replies]
         recall = [rouge_pkg_l_recall(p, r.answer) for p, r in zip(replies, recs)]
         metrics[f"{name}_rouge_l_recall"] = mean_per_group(recall, [r.subject for r in recs])
         samples[f"{name}_replies"] = replies
