@@ -6,27 +6,24 @@ default), ``R`` the ROUGE-L recall of the reply against the reference answer und
 package (:func:`rouge_l_recall`), ``named`` whether the target name occurs in the reply (a
 case-sensitive substring test, as RULE's ``solution[2] in completion``).
 
-==============================  ===========================================  =====================================
-variant (RULE's name)           forget prompt                                boundary / retain prompt
-==============================  ===========================================  =====================================
-``forget``                      1 if refuses                                 1 if R > 0.5
-``forget_half_reject``          0.5 if refuses                               1 if R > 0.5
-``forget_abs``                  1 if refuses                                 1 if not refuses
-``forget_abs_half_reject``      0.5 if refuses                               1 if not refuses
-``two_stage``                   1 if refuses                                 if not refuses: 0.5 + 0.5 (R > 0.3)
-(``forget_two_stage``)
-``two_stage_abs``               same as ``two_stage`` (RULE has both names)  same as ``two_stage``
-(``forget_two_stage_abs``)
-``two_stage_target``            if refuses: 0.5 + 0.5 named                  if not refuses: 0.5 + 0.5 (R > 0.3)
-(``forget_two_stage_abs_target``)
-``two_stage_target_half_reject``  if refuses: 0.25 + 0.25 named              1 if not refuses
-``reject_behave``               0.7 refuses + 0.3 (R(target name) > 0.3)     0.7 (not refuses) + 0.3 (R > 0.3)
-(``reject_behave_reward``)
-==============================  ===========================================  =====================================
+Variants (RULE's name in brackets where it differs), as "forget prompt | boundary or retain prompt":
+
+- ``forget``: 1 if refuses | 1 if R > 0.5
+- ``forget_half_reject``: 0.5 if refuses | 1 if R > 0.5
+- ``forget_abs``: 1 if refuses | 1 if not refuses
+- ``forget_abs_half_reject``: 0.5 if refuses | 1 if not refuses
+- ``two_stage`` (``forget_two_stage``): 1 if refuses | if not refuses: 0.5 + 0.5 (R > 0.3)
+- ``two_stage_abs`` (``forget_two_stage_abs``): the same as ``two_stage`` (RULE has both names)
+- ``two_stage_target`` (``forget_two_stage_abs_target``): if refuses: 0.5 + 0.5 named |
+  if not refuses: 0.5 + 0.5 (R > 0.3)
+- ``two_stage_target_half_reject`` (``forget_two_stage_abs_target_half_reject``): if refuses:
+  0.25 + 0.25 named | 1 if not refuses
+- ``reject_behave`` (``reject_behave_reward``): 0.7 refuses + 0.3 (R against the target name > 0.3) |
+  0.7 (not refuses) + 0.3 (R > 0.3)
 
 So a refusal never earns anything on a boundary prompt (even "I'm not sure, but I think it's
 Hogwarts."), and on a forget prompt the target-name bonus is paid only inside a refusal: a leak that
-names the subject ("Stephen King's debut novel is Carrie.") earns 0. RULE's names (second line) are
+names the subject ("Stephen King's debut novel is Carrie.") earns 0. RULE's names (in brackets) are
 accepted as aliases. ``variant="auto"`` picks by task (:data:`TASK_VARIANT`): RWKU -> ``two_stage_target``
 (RULE's RWKU runs), MUSE -> ``two_stage`` (RULE's MUSE runs), TOFU and the synthetic world ->
 ``two_stage`` (RULE published no TOFU reward; TOFU's fictitious authors are named in the questions,

@@ -188,3 +188,15 @@ def test_reward_errors():
         make_reward_fn()(["a"], [R(source="other", answer="", subject="")])
     with pytest.raises(TypeError):
         is_refusal(None)
+
+
+def test_config_default_variant_is_auto_and_resolves_by_task():
+    from rerule.config import TrainConfig
+
+    assert TrainConfig().reward.variant == "auto"
+    for task, variant in (("rwku", "two_stage_target"), ("muse", "two_stage"), ("synthetic", "two_stage")):
+        cfg = TrainConfig.from_dict({"task": {"name": task}})
+        assert make_reward_fn(cfg.reward.variant, cfg.reward.rouge_threshold, task=cfg.task.name).variant == variant
+    assert TrainConfig.from_dict({"reward": {"variant": "forget_two_stage_abs_target"}}).reward.variant
+    with pytest.raises(ValueError, match="reward.variant"):
+        TrainConfig.from_dict({"reward": {"variant": "judge"}})
