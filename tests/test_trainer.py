@@ -313,6 +313,11 @@ def test_warm_start_kl_reference_and_hooks(tmp_path):
     )
     examples = warm_start_examples(toy_task(), 0.5, seed=0)
     assert sum("not certain" in t or "beyond" in t for _, t in examples) == 2 and len(examples) == 6
+    # RULE's rejection steering: the same refusals, no boundary answers
+    steering = warm_start_examples(toy_task(), 0.5, seed=0, mode="rejection_steering")
+    assert steering == examples[:2] and all(r.source == "forget" for r, _ in steering)
+    with pytest.raises(ValueError, match="mode"):
+        warm_start_examples(toy_task(), 0.5, seed=0, mode="answers")
     seen = []
     tr = Trainer(cfg, task=toy_task(), reward_fn=upper_reward, evaluate_fn=lambda t: {"p_upper": p_upper(t)})
     ws = tr.warm_start_stats
@@ -416,3 +421,33 @@ def test_tokenizers_round_trip_and_bpe_is_deterministic():
     assert a.get_vocab() == b.get_vocab() and len(a) <= 300
     ids = a(text, add_special_tokens=False)["input_ids"]
     assert a.decode(ids) == text and len(ids) < len(text) / 2
+
+
+def test_consistent_replay_run_logs_zero_advantage_sums(tmp_path):
+    """The default estimator in the loop: replayed groups' weighted advantages sum to 0 per source,
+    row weights <= G, sequence-level ESS in [1, G], per-source counts add up, collapse metrics present."""
+    cfg = toy_config(tmp_path, steps=5, **{"replay.enabled": "true", "replay.start_step": 1, "replay.fraction": 0.5})
+    assert cfg.replay.advantages == "consistent"
+    hist = Trainer(cfg, task=toy_task(), reward_fn=upper_reward).train()
+    hybrid = [m for m in hist if m["replay_groups"]]
+    assert hybrid, [m["buffer_size"] for m in hist]
+    for m in hybrid:
+        assert m["replay_forget_groups"] + m["replay_boundary_groups"] == m["replay_groups"]
+        sums = [m[k] for k in ("replay_adv_sum_forget", "replay_adv_sum_boundary") if m[k] is not None]
+        assert sums and max(abs(x) for x in sums) < 1e-4
+        assert 1.0 <= m["replay_ess"] <= 8.0 + 1e-9 and 0 < m["is_weight_max"] <= 8.0
+    assert all(m["boundary_collapsed_prompts"] >= 0 and m["boundary_all_refuse_groups"] >= 0 for m in hist)
+
+
+def test_replay_sources_filter_the_buffer(tmp_path):
+    cfg = toy_config(tmp_path, steps=4, **{"replay.enabled": "true", "replay.start_step": 1,
+                                           "replay.fraction": 0.5, "replay.sources": "forget"})  # fmt: skip
+    tr = Trainer(cfg, task=toy_task(), reward_fn=upper_reward)
+    hist = tr.train()
+    assert all(e.source == "forget" for e in tr.buffer.entries)
+    assert tr.buffer.counters["source_excluded"] > 0
+    assert sum(m["replay_groups"] for m in hist) > 0 and all(m["replay_boundary_groups"] == 0 for m in hist)
+    with pytest.raises(ValueError, match="replay.sources"):
+        toy_config(tmp_path, **{"replay.sources": "retain"})
+    with pytest.raises(ValueError, match="replay.forget_share"):
+        toy_config(tmp_path, **{"replay.forget_share": 1.5})
