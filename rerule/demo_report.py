@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rerule import demo_matched as dm
 from rerule.demo_plots import PLOTS, plot_report
 
 # Evaluation keys (rerule.eval.synthetic), with a label and whether higher is better.
@@ -168,7 +169,11 @@ def summarize(report: dict) -> dict:
             "normalize": _arm_setting(report, name, "replay.normalize"),
             "grad_clip": _arm_setting(report, name, "optim.grad_clip"),
             "forget_dips": forget_dips(r["evals"]),
+            "matched": dm.arm_matched(r["evals"]),
         }
+    out["matched_rows"] = matched_rows(out)
+    out["matched_text"] = format_table(out["matched_rows"], MATCHED_COLUMNS)
+    out["matched_md"] = format_table(out["matched_rows"], MATCHED_COLUMNS, markdown=True)
     out["table_rows"] = table_rows(out)
     out["table_text"] = format_table(out["table_rows"])
     out["table_md"] = format_table(out["table_rows"], markdown=True)
@@ -191,6 +196,24 @@ TABLE_COLUMNS = (
     "train tokens",
     "wall s/step",
 )
+
+
+MATCHED_COLUMNS = ("arm", "front area") + tuple(
+    f"{q} @ forget {L}" for L in dm.LEVELS for q in ("BQ", "RQ")
+)
+
+
+def matched_rows(summary: dict) -> list[list[str]]:
+    """Per arm: front area, boundary / retain quality at each matched forgetting level ("-": never reached)."""
+    rows = []
+    for name, a in summary["arms"].items():
+        m = a["matched"]
+        row = [name, _fmt(m["front_area"], 3)]
+        for L in dm.LEVELS:
+            p = m["levels"][str(float(L))]
+            row += ["-", "-"] if p is None else [_fmt(p["boundary_quality"], 3), _fmt(p["retain_quality"], 3)]
+        rows.append(row)
+    return rows
 
 
 def _fmt(v, digits=2):
@@ -424,6 +447,18 @@ def report_markdown(report: dict) -> str:
         f"{_fmt(pre.get('accuracy'), 3)} after {pre.get('epochs')} epochs ({took}).",
         f"Every arm: {report.get('steps')} RL steps, seed {report.get('seed')}, from the same warm-started "
         f"model; reference arm for gains: {s['reference_arm']}.",
+        "",
+    ]
+    lines += [
+        "## At matched forgetting",
+        "",
+        "Boundary quality (BQ) and retain quality (RQ) where each arm's evaluation trajectory reaches forget "
+        f"refusal {', '.join(str(x) for x in dm.LEVELS)} (the best point at or above it; segments between "
+        "evaluations interpolated; '-': never reached). Front area: mean BQ at forgetting L over L in "
+        f"[{dm.AREA_LO}, 1], 0 where not reached. One seed: `rerule demo --sweep` gives paired differences "
+        "with standard errors.",
+        "",
+        s["matched_md"],
         "",
     ]
     lines += ["## Final evaluation (greedy) and compute", "", s["table_md"], ""]

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rerule.loss import grpo_loss, group_advantages, token_logps
+from rerule.loss import group_advantages, grpo_loss, token_logps
 from rerule.stages import replay_weights, row_weight_behavior
 
 G = 8
