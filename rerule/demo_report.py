@@ -53,6 +53,11 @@ STEP_CURVES = (
     "time_step_s",
     "generated_tokens",
     "train_tokens",
+    "replay_ess",
+    "replay_adv_sum_forget",
+    "replay_adv_sum_boundary",
+    "boundary_all_refuse_groups",
+    "boundary_collapsed_prompts",
 )
 REFERENCE_ARM = "RULE"
 STANDARD_ARMS = ("RULE", "RULE+prio", "ReRULE", "ReRULE+prio")
@@ -113,7 +118,18 @@ def replay_diagnostics(result: dict, staleness: int | None = None) -> dict:
         "grad_norm_on_policy": _mean(m.get("grad_norm") for m in hist if not m.get("replay_groups")),
         "grad_norm_with_replay": _mean(m.get("grad_norm") for m in replayed),
         "counters": result.get("buffer_counters", {}),
+        # sequence-level ESS per replayed group (1..G) and, per source, the mean over replayed groups of
+        # sum_i row_weight_i * A_i (0 for a consistent estimator; the first version's bias otherwise)
+        "replay_ess_mean": _mean(m.get("replay_ess") for m in replayed),
+        **{f"adv_sum_per_group_{src}": _per_group(hist, src) for src in ("forget", "boundary")},
+        "boundary_collapsed_prompts_max": max((m.get("boundary_collapsed_prompts") or 0 for m in hist), default=0),
     }
+
+
+def _per_group(hist: list[dict], source: str) -> float | None:
+    groups = sum(m.get(f"replay_{source}_groups") or 0 for m in hist if m.get(f"replay_adv_sum_{source}") is not None)
+    total = sum(m.get(f"replay_adv_sum_{source}") or 0.0 for m in hist)
+    return total / groups if groups else None
 
 
 def forget_dips(evals: list[dict], tol: float = 0.1) -> list[dict]:
@@ -318,8 +334,10 @@ def _replay_line(rp: dict) -> str:
         f"buffer mean {_fmt(rp['buffer_size_mean'], 1)} (max {rp['buffer_size_max']}), mean age "
         f"{_fmt(rp['buffer_age_mean'], 1)} steps (limit {rp['staleness_limit']}); "
         f"mean w {_fmt(rp['is_weight_mean'])}, ESS {_fmt(rp['is_ess_mean'])} (min {_fmt(rp['is_ess_min'])}), "
-        f"truncated {_fmt(rp['is_truncated_frac'])}; grad norm {_fmt(rp['grad_norm_with_replay'])} on steps "
-        f"that replay vs {_fmt(rp['grad_norm_on_policy'])} on those that do not; "
+        f"truncated {_fmt(rp['is_truncated_frac'])}; sequence ESS per group {_fmt(rp.get('replay_ess_mean'))}; "
+        f"weighted advantage sum per replayed group: forget {_fmt(rp.get('adv_sum_per_group_forget'), 3)}, "
+        f"boundary {_fmt(rp.get('adv_sum_per_group_boundary'), 3)}; "
+        f"grad norm {_fmt(rp['grad_norm_with_replay'])} on steps that replay vs {_fmt(rp['grad_norm_on_policy'])} on those that do not; "
         f"offers: admitted {c.get('admitted', 0)}, flat {c.get('flat', 0)}, "
         f"above threshold {c.get('above_threshold', 0)}; "
         f"evicted solved {c.get('evicted_solved', 0)}, stale {c.get('evicted_stale', 0)}, "
@@ -373,7 +391,11 @@ def replay_verdict(summary: dict, name: str) -> list[str]:
             f"most low-reward groups were flat (all rewards equal: {c.get('flat')} flat vs "
             f"{c.get('admitted')} admitted), so there was little to store"
         )
-    if rp["is_ess_mean"] is not None and rp["is_ess_mean"] < 0.5:
+    # sequence level when logged (per replayed group, in samples): under 2, a group carries ~one sample
+    seq = rp.get("replay_ess_mean")
+    if seq is not None and seq < 2.0:
+        out.append(f"importance weights collapsed (sequence ESS {seq:.2f} samples per replayed group)")
+    elif seq is None and rp["is_ess_mean"] is not None and rp["is_ess_mean"] < 0.5:
         out.append(f"importance weights collapsed (mean ESS {rp['is_ess_mean']:.2f})")
     if rp["is_weight_mean"] is not None and rp["is_weight_mean"] < 0.5:
         out.append(f"replayed tokens are unlikely under the current policy (mean w {rp['is_weight_mean']:.2f})")
