@@ -36,7 +36,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-ADMISSION = ("admitted", "above_threshold", "flat")
+ADMISSION = ("admitted", "above_threshold", "flat", "source_excluded")
+SOURCES = ("both", "forget", "boundary")
 
 
 @dataclass
@@ -103,6 +104,11 @@ def trim_group(group: ReplayGroup) -> ReplayGroup:
     return group
 
 
+def _kind(source: str) -> str:
+    """forget, or boundary for every other source (boundary / retain / a trainer's own label)."""
+    return "forget" if source == "forget" else "boundary"
+
+
 class ReplayBuffer:
     """Hard-case groups for off-policy replay (see the module docstring).
 
@@ -131,7 +137,12 @@ class ReplayBuffer:
         sampling: str = "uniform",
         priority_floor: float = 0.1,
         seed: int = 0,
+        *,
+        sources: str = "both",
     ):
+        if sources not in SOURCES:
+            raise ValueError(f"sources must be one of {SOURCES}, got {sources!r}")
+        self.sources = sources
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if threshold_mode not in ("absolute", "quantile"):
@@ -166,6 +177,7 @@ class ReplayBuffer:
             "evicted_stale": 0,
             "evicted_reuse": 0,
             "evicted_solved": 0,
+            "source_excluded": 0,
         }
 
     def __len__(self) -> int:
@@ -186,6 +198,9 @@ class ReplayBuffer:
 
     def offer(self, group: ReplayGroup) -> str:
         """Admit ``group`` if it is hard and not flat; returns one of ``ADMISSION``."""
+        if self.sources != "both" and _kind(group.source) != self.sources:
+            self.counters["source_excluded"] += 1
+            return "source_excluded"
         if bool((group.rewards == group.rewards[0]).all()):
             self.counters["flat"] += 1
             return "flat"
@@ -222,19 +237,36 @@ class ReplayBuffer:
         self.counters["evicted_stale"] += before - len(self.entries)
         return before - len(self.entries)
 
-    def sample(self, n: int, step: int) -> list[ReplayGroup]:
-        """Draw up to ``n`` distinct groups (after dropping stale ones); each drawn group's reuse count
-        goes up by one and groups that reach ``max_reuse`` leave the buffer. Returns the drawn groups."""
-        self.expire(step)
-        n = min(n, len(self.entries))
+    def _draw(self, candidates: list[int], n: int) -> list[int]:
+        """``n`` distinct indices of ``self.entries`` among ``candidates`` (uniform or prioritized)."""
+        n = min(n, len(candidates))
         if n <= 0:
             return []
         if self.sampling == "uniform":
-            weights = torch.ones(len(self.entries), dtype=torch.float64)
+            weights = torch.ones(len(candidates), dtype=torch.float64)
         else:
-            means = torch.tensor([e.mean_reward for e in self.entries], dtype=torch.float64)
+            means = torch.tensor([self.entries[i].mean_reward for i in candidates], dtype=torch.float64)
             weights = self.priority_floor + 1.0 - means.clamp(0.0, 1.0)
         picked = torch.multinomial(weights, n, replacement=False, generator=self.generator).tolist()
+        return [candidates[i] for i in picked]
+
+    def sample(self, n: int, step: int, forget_share: float | None = None) -> list[ReplayGroup]:
+        """Draw up to ``n`` distinct groups (after dropping stale ones); each drawn group's reuse count
+        goes up by one and groups that reach ``max_reuse`` leave the buffer. Returns the drawn groups.
+
+        ``forget_share``: round(share * n) slots go to forget groups and the rest to boundary groups;
+        slots one source cannot fill go to the other. None: one draw over the whole buffer."""
+        self.expire(step)
+        everyone = list(range(len(self.entries)))
+        if forget_share is None:
+            picked = self._draw(everyone, n)
+        else:
+            forget = [i for i in everyone if _kind(self.entries[i].source) == "forget"]
+            boundary = [i for i in everyone if _kind(self.entries[i].source) == "boundary"]
+            n_f = min(round(forget_share * n), len(forget))
+            n_b = min(n - n_f, len(boundary))
+            n_f = min(n - n_b, len(forget))
+            picked = self._draw(forget, n_f) + self._draw(boundary, n_b)
         out = [self.entries[i] for i in picked]
         for e in out:
             e.reuse += 1

@@ -8,7 +8,7 @@ Validation runs in ``__post_init__``, so a bad config fails before any data or m
 Defaults are RULE's published settings where they apply (group 8, temperature 1.0, k3 KL 1e-2,
 clip 0.2 / 0.3 with dual clip 3.0, lr 2e-6, AdamW wd 0.01, grad clip 1.0, one update per rollout
 batch) and, for replay, the toy study of DESIGN.md (start early, staleness ~16, ~12.5 % of the
-batch replayed, lambda 1, cap 2, uniform sampling in the buffer, recomputed advantages).
+batch replayed, lambda 1, cap 2, uniform sampling in the buffer) with the consistent replay estimator.
 
 Example:
     >>> cfg = TrainConfig.from_dict({"rollout": {"group_size": 4}, "replay": {"lambda": 0.5}})
@@ -242,7 +242,13 @@ class ReplayConfig:
                            "its own rows (each replayed row then weighs ~1/fraction fresh ones)", "batch")
     weight_kl: bool = _help("w also weighs the k3 KL term of replayed tokens (else its gradient "
                             "beta*(1 - ref/pi) is unbounded where the policy left a replayed token)", True)
-    advantages: str = _help("recomputed (self-normalized pi_current/mu mean, std) or stored", "recomputed")
+    advantages: str = _help("replayed groups' estimator: consistent (self-normalized truncated sequence "
+                            "weights p_i = min(pi/mu, cap) / sum give the baseline, the std AND the row weight "
+                            "G * p_i, so a group's weighted advantages sum to 0; docs/replay.md), recomputed "
+                            "(ablation: p_i baseline, row weight 1, biased) or stored", "consistent")
+    sources: str = _help("which groups may be replayed: both, forget or boundary", "both")
+    forget_share: float | None = _help("share of each step's replay slots for forget groups, the rest for "
+                                       "boundary groups (null: drawn from the buffer as it is)", None)
     threshold: float = _help("admit a group when its mean reward is under this (absolute mode)", 0.5)
     threshold_mode: str = _help("absolute, or quantile (running quantile of recent group means)", "absolute")
     quantile: float = _help("quantile of the running threshold", 0.25)
@@ -263,7 +269,11 @@ class ReplayConfig:
         _check(ok, "replay.fraction", f"must be in [0, 4], got {self.fraction!r}")
         _positive("replay.lambda", self.lam, allow_zero=True)
         _positive("replay.cap", self.cap)
-        _choice("replay.advantages", self.advantages, ("recomputed", "stored"))
+        _choice("replay.advantages", self.advantages, ("consistent", "recomputed", "stored"))
+        _choice("replay.sources", self.sources, ("both", "forget", "boundary"))
+        if self.forget_share is not None:
+            ok = isinstance(self.forget_share, (int, float)) and 0 <= self.forget_share <= 1
+            _check(ok, "replay.forget_share", f"must be null or in [0, 1], got {self.forget_share!r}")
         _choice("replay.normalize", self.normalize, ("batch", "replay"))
         _choice("replay.threshold_mode", self.threshold_mode, ("absolute", "quantile"))
         _check(0 < self.quantile < 1, "replay.quantile", f"must be in (0, 1), got {self.quantile!r}")
@@ -289,6 +299,9 @@ class SamplingConfig:
 @dataclass
 class WarmStartConfig:
     epochs: float = _help("stage 0 SFT epochs (RULE: 3); 0 skips the warm start", 0.0)
+    mode: str = _help("rejection_steering (RULE's: refusals naming the subject for forget_fraction of the "
+                      "forget prompts, nothing else) or with_answers (those refusals plus the reference "
+                      "answers of every boundary prompt)", "with_answers")
     forget_fraction: float = _help("share of forget prompts given a refusal target (RULE: 0.2)", 0.2)
     batch_size: int = _help("SFT batch size", 8)
     lr: float = _help("SFT learning rate (RULE: 4e-7), cosine schedule", 4e-7)
@@ -296,6 +309,7 @@ class WarmStartConfig:
 
     def __post_init__(self):
         _positive("warm_start.epochs", self.epochs, allow_zero=True)
+        _choice("warm_start.mode", self.mode, ("rejection_steering", "with_answers"))
         _check(0 <= self.forget_fraction <= 1, "warm_start.forget_fraction", "must be in [0, 1]")
         _int("warm_start.batch_size", self.batch_size, 1)
         _positive("warm_start.lr", self.lr)

@@ -349,7 +349,8 @@ def run_single(settings: dict, *, kind: str = "tiny", no_cache: bool = False) ->
     report["summary"] = summarize(report)
     report["timing"] = {"total_wall_s": time.perf_counter() - t0}
     paths = write_report(report, out)
-    _say("\n" + report["summary"]["table_text"])
+    _say("\nat matched forgetting:\n" + report["summary"]["matched_text"])
+    _say("\nfinal evaluation:\n" + report["summary"]["table_text"])
     for line in table_notes(report["summary"]) + report["summary"]["findings"]:
         _say(f"- {line}")
     _say(f"\nwrote {', '.join(str(p) for p in paths)}")

@@ -6,6 +6,7 @@ sweep's ``summary["stats"]``).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -133,47 +134,86 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _sweep_panels(stats: dict) -> list[tuple[str, str]]:
+    return [(reg, h) for reg in stats for h in sorted(stats[reg], key=float)]
+
+
 def plot_sweep(report: dict, out_dir: Path) -> Path:
-    """Gain against hardness, mean ± standard error over seeds: boundary quality gain over RULE, steps
-    to RULE's final boundary quality, steps to RULE's final (forget, boundary) point, final forget refusal."""
+    """Per regime, against hardness (mean ± standard error over seeds): front area, final boundary
+    quality gain over RULE, steps to RULE's final boundary quality, final forget refusal."""
     plt = _plt()
     stats = report["summary"]["stats"]
-    hs = sorted(stats, key=float)
-    names = list(next(iter(stats.values())))
+    regimes = list(stats)
     panels = (
+        ("area", "trade-off front area (mean BQ at forgetting >= L)"),
         ("gain", "final boundary quality gain over RULE"),
         ("reach", "steps to reach RULE's final boundary quality\n(never = budget + eval interval)"),
-        (
-            "point",
-            "steps to reach RULE's final forget refusal\nand boundary quality (never = budget + interval)",
-        ),
         ("fr", "final forget refusal"),
     )
-    fig, axs = plt.subplots(1, 4, figsize=(20, 4.5))
-    for i, arm in enumerate(names):
-        x = np.array([float(h) for h in hs]) + (i - len(names) / 2) * 0.01
-        ref = arm == REFERENCE_ARM
-        for ax, (key, _) in zip(axs, panels):
-            if ref and key == "gain":
-                continue
-            ax.errorbar(
-                x,
-                [stats[h][arm][key][0] for h in hs],
-                yerr=[stats[h][arm][key][1] for h in hs],
-                fmt="s--" if ref else "o-",
-                color="k" if ref else None,
-                capsize=3,
-                label=arm,
-            )
-    axs[0].axhline(0, color="k", lw=0.8)
-    for ax, (_, title) in zip(axs, panels):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("hardness (boundary/forget similarity)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axs = plt.subplots(len(regimes), 4, figsize=(20, 4.5 * len(regimes)), squeeze=False)
+    for row, reg in zip(axs, regimes):
+        hs = sorted(stats[reg], key=float)
+        names = list(stats[reg][hs[0]])
+        for i, arm in enumerate(names):
+            x = np.array([float(h) for h in hs]) + (i - len(names) / 2) * 0.01
+            ref = arm == REFERENCE_ARM
+            for ax, (key, _) in zip(row, panels):
+                if ref and key == "gain":
+                    continue
+                ax.errorbar(x, [stats[reg][h][arm][key][0] for h in hs], yerr=[stats[reg][h][arm][key][1] for h in hs],
+                            fmt="s--" if ref else "o-", color="k" if ref else None, capsize=3, label=arm)  # fmt: skip
+        row[1].axhline(0, color="k", lw=0.8)
+        for ax, (_, title) in zip(row, panels):
+            ax.set_title(f"{reg}: {title}", fontsize=10)
+            ax.set_xlabel("hardness (boundary/forget similarity)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle("mean ± standard error over seeds")
     fig.tight_layout()
     path = out_dir / "sweep_gain.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep_fronts(report: dict, out_dir: Path) -> Path:
+    """The trade-off fronts (boundary quality at forget refusal >= L, against L) per regime and hardness:
+    mean over seeds with a ± standard-error band (seeds that reach L)."""
+    from rerule.demo_matched import front_curve
+
+    plt = _plt()
+    cells = report["cells"]
+    keys = sorted({(c.get("regime") or "with_answers", str(c["hardness"])) for c in cells},
+                  key=lambda k: (k[0], float(k[1])))  # fmt: skip
+    regimes = sorted({k[0] for k in keys})
+    hards = sorted({k[1] for k in keys}, key=float)
+    fig, axs = plt.subplots(len(regimes), len(hards), figsize=(5.5 * len(hards), 4.2 * len(regimes)), squeeze=False)
+    for i, reg in enumerate(regimes):
+        for j, h in enumerate(hards):
+            ax = axs[i][j]
+            mine = [c for c in cells if (c.get("regime") or "with_answers") == reg and str(c["hardness"]) == h]
+            arms = list(mine[0]["arms"]) if mine else []
+            for arm in arms:
+                curves = [front_curve(c["arms"][arm]["evals"]) for c in mine]
+                xs = np.array(curves[0][0])
+                ys = np.array([cv[1] for cv in curves], dtype=float)
+                n = np.sum(~np.isnan(ys), axis=0)
+                # levels no seed (or one seed) reaches have no mean (no standard error): nan, not plotted
+                with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(ys, axis=0)
+                    se = np.nanstd(ys, axis=0, ddof=1) / np.sqrt(n) if len(ys) > 1 else np.zeros_like(xs)
+                ref = arm == REFERENCE_ARM
+                line = ax.plot(xs, mean, "--" if ref else "-", color="k" if ref else None, label=arm)[0]
+                ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.15)
+            ax.set_title(f"{reg}, hardness {h}", fontsize=10)
+            ax.set_xlabel("forget refusal L")
+            ax.set_ylabel("best boundary quality at forget refusal >= L")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle("trade-off fronts: mean ± standard error over the seeds that reach L")
+    fig.tight_layout()
+    path = out_dir / "sweep_front.png"
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rerule import demo_matched as dm
 from rerule.demo_plots import PLOTS, plot_report
 
 # Evaluation keys (rerule.eval.synthetic), with a label and whether higher is better.
@@ -52,6 +53,11 @@ STEP_CURVES = (
     "time_step_s",
     "generated_tokens",
     "train_tokens",
+    "replay_ess",
+    "replay_adv_sum_forget",
+    "replay_adv_sum_boundary",
+    "boundary_all_refuse_groups",
+    "boundary_collapsed_prompts",
 )
 REFERENCE_ARM = "RULE"
 STANDARD_ARMS = ("RULE", "RULE+prio", "ReRULE", "ReRULE+prio")
@@ -112,7 +118,18 @@ def replay_diagnostics(result: dict, staleness: int | None = None) -> dict:
         "grad_norm_on_policy": _mean(m.get("grad_norm") for m in hist if not m.get("replay_groups")),
         "grad_norm_with_replay": _mean(m.get("grad_norm") for m in replayed),
         "counters": result.get("buffer_counters", {}),
+        # sequence-level ESS per replayed group (1..G) and, per source, the mean over replayed groups of
+        # sum_i row_weight_i * A_i (0 for a consistent estimator; the first version's bias otherwise)
+        "replay_ess_mean": _mean(m.get("replay_ess") for m in replayed),
+        **{f"adv_sum_per_group_{src}": _per_group(hist, src) for src in ("forget", "boundary")},
+        "boundary_collapsed_prompts_max": max((m.get("boundary_collapsed_prompts") or 0 for m in hist), default=0),
     }
+
+
+def _per_group(hist: list[dict], source: str) -> float | None:
+    groups = sum(m.get(f"replay_{source}_groups") or 0 for m in hist if m.get(f"replay_adv_sum_{source}") is not None)
+    total = sum(m.get(f"replay_adv_sum_{source}") or 0.0 for m in hist)
+    return total / groups if groups else None
 
 
 def forget_dips(evals: list[dict], tol: float = 0.1) -> list[dict]:
@@ -168,7 +185,11 @@ def summarize(report: dict) -> dict:
             "normalize": _arm_setting(report, name, "replay.normalize"),
             "grad_clip": _arm_setting(report, name, "optim.grad_clip"),
             "forget_dips": forget_dips(r["evals"]),
+            "matched": dm.arm_matched(r["evals"]),
         }
+    out["matched_rows"] = matched_rows(out)
+    out["matched_text"] = format_table(out["matched_rows"], MATCHED_COLUMNS)
+    out["matched_md"] = format_table(out["matched_rows"], MATCHED_COLUMNS, markdown=True)
     out["table_rows"] = table_rows(out)
     out["table_text"] = format_table(out["table_rows"])
     out["table_md"] = format_table(out["table_rows"], markdown=True)
@@ -191,6 +212,24 @@ TABLE_COLUMNS = (
     "train tokens",
     "wall s/step",
 )
+
+
+MATCHED_COLUMNS = ("arm", "front area") + tuple(
+    f"{q} @ forget {L}" for L in dm.LEVELS for q in ("BQ", "RQ")
+)
+
+
+def matched_rows(summary: dict) -> list[list[str]]:
+    """Per arm: front area, boundary / retain quality at each matched forgetting level ("-": never reached)."""
+    rows = []
+    for name, a in summary["arms"].items():
+        m = a["matched"]
+        row = [name, _fmt(m["front_area"], 3)]
+        for L in dm.LEVELS:
+            p = m["levels"][str(float(L))]
+            row += ["-", "-"] if p is None else [_fmt(p["boundary_quality"], 3), _fmt(p["retain_quality"], 3)]
+        rows.append(row)
+    return rows
 
 
 def _fmt(v, digits=2):
@@ -295,8 +334,11 @@ def _replay_line(rp: dict) -> str:
         f"buffer mean {_fmt(rp['buffer_size_mean'], 1)} (max {rp['buffer_size_max']}), mean age "
         f"{_fmt(rp['buffer_age_mean'], 1)} steps (limit {rp['staleness_limit']}); "
         f"mean w {_fmt(rp['is_weight_mean'])}, ESS {_fmt(rp['is_ess_mean'])} (min {_fmt(rp['is_ess_min'])}), "
-        f"truncated {_fmt(rp['is_truncated_frac'])}; grad norm {_fmt(rp['grad_norm_with_replay'])} on steps "
-        f"that replay vs {_fmt(rp['grad_norm_on_policy'])} on those that do not; "
+        f"truncated {_fmt(rp['is_truncated_frac'])}; sequence ESS per group {_fmt(rp.get('replay_ess_mean'))}; "
+        f"weighted advantage sum per replayed group: forget {_fmt(rp.get('adv_sum_per_group_forget'), 3)}, "
+        f"boundary {_fmt(rp.get('adv_sum_per_group_boundary'), 3)}; "
+        f"grad norm {_fmt(rp['grad_norm_with_replay'])} on steps that replay vs "
+        f"{_fmt(rp['grad_norm_on_policy'])} on those that do not; "
         f"offers: admitted {c.get('admitted', 0)}, flat {c.get('flat', 0)}, "
         f"above threshold {c.get('above_threshold', 0)}; "
         f"evicted solved {c.get('evicted_solved', 0)}, stale {c.get('evicted_stale', 0)}, "
@@ -350,7 +392,11 @@ def replay_verdict(summary: dict, name: str) -> list[str]:
             f"most low-reward groups were flat (all rewards equal: {c.get('flat')} flat vs "
             f"{c.get('admitted')} admitted), so there was little to store"
         )
-    if rp["is_ess_mean"] is not None and rp["is_ess_mean"] < 0.5:
+    # sequence level when logged (per replayed group, in samples): under 2, a group carries ~one sample
+    seq = rp.get("replay_ess_mean")
+    if seq is not None and seq < 2.0:
+        out.append(f"importance weights collapsed (sequence ESS {seq:.2f} samples per replayed group)")
+    elif seq is None and rp["is_ess_mean"] is not None and rp["is_ess_mean"] < 0.5:
         out.append(f"importance weights collapsed (mean ESS {rp['is_ess_mean']:.2f})")
     if rp["is_weight_mean"] is not None and rp["is_weight_mean"] < 0.5:
         out.append(f"replayed tokens are unlikely under the current policy (mean w {rp['is_weight_mean']:.2f})")
@@ -424,6 +470,18 @@ def report_markdown(report: dict) -> str:
         f"{_fmt(pre.get('accuracy'), 3)} after {pre.get('epochs')} epochs ({took}).",
         f"Every arm: {report.get('steps')} RL steps, seed {report.get('seed')}, from the same warm-started "
         f"model; reference arm for gains: {s['reference_arm']}.",
+        "",
+    ]
+    lines += [
+        "## At matched forgetting",
+        "",
+        "Boundary quality (BQ) and retain quality (RQ) where each arm's evaluation trajectory reaches forget "
+        f"refusal {', '.join(str(x) for x in dm.LEVELS)} (the best point at or above it; segments between "
+        "evaluations interpolated; '-': never reached). Front area: mean BQ at forgetting L over L in "
+        f"[{dm.AREA_LO}, 1], 0 where not reached. One seed: `rerule demo --sweep` gives paired differences "
+        "with standard errors.",
+        "",
+        s["matched_md"],
         "",
     ]
     lines += ["## Final evaluation (greedy) and compute", "", s["table_md"], ""]

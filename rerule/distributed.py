@@ -61,7 +61,9 @@ log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 1_000_003
 # Per-rank update sums that add up over ranks; the losses are averaged (see the module docstring).
 SUM_KEYS = ("tokens", "kl", "clip_ratio_low", "clip_ratio_high", "replay_tokens", "replay_kl",
-            "replay_clip_ratio_low", "replay_clip_ratio_high", "n", "w", "w2", "truncated")  # fmt: skip
+            "replay_clip_ratio_low", "replay_clip_ratio_high", "n", "w", "w2", "truncated",
+            "replay_groups_forget", "replay_groups_boundary", "replay_adv_sum_forget", "replay_adv_sum_boundary",
+            "replay_ess_sum", "replay_ess_groups")  # fmt: skip
 MEAN_KEYS = ("loss", "replay_loss")
 # Trainer state that is each rank's own: written to buffer-rank{r}.pt, not to the shared state.pt.
 RANK_LOCAL = ("buffer", "sampler", "rng")

@@ -12,9 +12,15 @@ The update, for fresh groups F and replayed groups R (DESIGN.md, "ReRULE")::
   truncated, detached weight w = min(pi_old / mu, cap) against the stored behaviour log-probs mu.
   Plain PPO-clip with mu as "old" would clip most replayed tokens to zero gradient. In
   ``grpo_loss`` terms: ``old_logps=None, behavior_logps=mu, is_cap=cap``.
-- Replayed advantages are recomputed by default: rewards are fixed, the group's mean and std are
-  re-estimated with self-normalized sequence weights pi_current(y) / mu(y) (see
-  ``recompute_advantages``); stored advantages go stale as the policy moves.
+- Replayed groups use the consistent estimator by default (``replay_weights``, docs/replay.md):
+  per group, sequence-level truncated ratios rho_i = min(pi(y_i) / mu(y_i), cap), self-normalized
+  to p_i, give both the baseline and std of the advantages and the row weight G * p_i on row i's
+  policy term (and on its k3 KL term when ``is_weight_kl``), so the weighted advantages of every
+  replayed group sum to zero and pi = mu is exactly the on-policy GRPO update of those rows. In
+  ``grpo_loss`` terms the row weight enters through the behaviour channel: ``behavior_logps =
+  pi_current - log(G p_i)``, so ``w = exp(old - behavior) = G p_i`` with ``is_cap >= G``.
+  Ablations: ``recomputed`` (the first version: p_i for the baseline, row weight 1 and the per-token
+  w = min(pi/mu, cap); biased, its weighted advantages do not sum to zero) and ``stored``.
 
 Micro-batches hold whole groups; each micro-batch loss is scaled so that the accumulated gradient
 equals the gradient of the full-batch loss for every ``loss_type``. In a multi-process run the
@@ -67,11 +73,13 @@ class UpdateSet:
     behavior: torch.Tensor | None
     ref: torch.Tensor | None
     group_size: int
+    sources: tuple = ()  # per row ("forget" / "boundary"); replayed sets only
 
 
 # The update's per-step metrics (None where they do not apply, e.g. no replay this step).
 UPDATE_METRICS = ("loss_on", "loss_replay", "kl", "replay_kl", "clip_ratio_low", "clip_ratio_high",
-                  "is_weight_mean", "is_weight_max", "is_ess", "is_truncated_frac")  # fmt: skip
+                  "is_weight_mean", "is_weight_max", "is_ess", "is_truncated_frac", "replay_ess",
+                  "replay_adv_sum_forget", "replay_adv_sum_boundary")  # fmt: skip
 
 
 def recompute_advantages(
@@ -108,6 +116,95 @@ def recompute_advantages(
     return ((r - mean) / (torch.maximum(std_w, std_u) + eps)).reshape(-1).float()
 
 
+REPLAY_ADVANTAGES = ("consistent", "recomputed", "stored")
+
+
+@dataclass
+class ReplayWeights:
+    """One replayed set's estimator quantities (fp64, per row unless said).
+
+    advantages: A_i; row_weights: the weight of row i's policy term in the gradient (G * p_i for
+    ``consistent``, 1 otherwise); p: the self-normalized truncated sequence weights; ess: per group
+    1 / sum_i p_i^2 (in samples, 1..G); truncated: rows whose raw sequence ratio exceeded the cap.
+    """
+
+    advantages: torch.Tensor
+    row_weights: torch.Tensor
+    p: torch.Tensor
+    ess: torch.Tensor
+    truncated: torch.Tensor
+
+    def weighted_sums(self, group_size: int) -> torch.Tensor:
+        """Per group sum_i row_weight_i * A_i: 0 for a consistent estimator (a GRPO group sums to 0)."""
+        return (self.row_weights * self.advantages).reshape(-1, group_size).sum(-1)
+
+
+def replay_weights(
+    rewards: torch.Tensor,
+    cur_logps: torch.Tensor,
+    behavior: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    cap: float,
+    mode: str = "consistent",
+    scale: str = "group",
+    stored: torch.Tensor | None = None,
+    eps: float = 1e-4,
+) -> ReplayWeights:
+    """Advantages and row weights of replayed groups under the current policy (docs/replay.md).
+
+    Per group of G rows, with the sequence log-ratio l_i = sum_t mask * (pi_current - mu)::
+
+        rho_i = min(exp(l_i), cap)            p_i = rho_i / sum_j rho_j   (a softmax of min(l_i, log cap))
+        b     = sum_i p_i r_i                 s^2 = G / (G - 1) * sum_i p_i (r_i - b)^2
+        A_i   = (r_i - b) / (s + eps)         (scale "none": A_i = r_i - b)
+
+    ``consistent``: row weight G * p_i, so sum_i G p_i A_i = 0 in every group, and pi = mu gives
+    p_i = 1 / G, GRPO's own advantages and row weight 1. ``recomputed`` (ablation, the first
+    version): the same p_i for the baseline but row weight 1, and the std floored at the unweighted
+    one. ``stored``: the advantages saved at admission, row weight 1.
+
+    Args:
+        rewards: [B]; cur_logps, behavior, mask: [B, T]; group_size: G (B divisible by G);
+        cap: truncation of the sequence ratio; mode: one of ``REPLAY_ADVANTAGES``;
+        scale: "group" / "batch" (the group std) or "none"; stored: [B] (mode "stored").
+    """
+    if mode not in REPLAY_ADVANTAGES:
+        raise ValueError(f"mode must be one of {REPLAY_ADVANTAGES}, got {mode!r}")
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap!r}")
+    G = group_size
+    r = rewards.double().reshape(-1, G)
+    log_ratio = ((cur_logps.double() - behavior.double()) * mask.double()).sum(-1).reshape(-1, G)
+    # min(exp(l), cap) normalized in log space: no overflow for a sequence ratio of e^500
+    p = torch.softmax(log_ratio.clamp(max=math.log(cap)), dim=-1)
+    truncated = (log_ratio > math.log(cap)).reshape(-1)
+    ess = 1.0 / (p * p).sum(-1)
+    b = (p * r).sum(-1, keepdim=True)
+    ones = torch.ones_like(r).reshape(-1)
+    if mode == "stored":
+        if stored is None:
+            raise ValueError("mode 'stored' needs the stored advantages")
+        return ReplayWeights(stored.double().reshape(-1), ones, p.reshape(-1), ess, truncated)
+    if mode == "recomputed":
+        adv = recompute_advantages(rewards, cur_logps, behavior, mask, G, eps).double()
+        if scale == "none":
+            adv = (r - (torch.softmax(log_ratio, -1) * r).sum(-1, keepdim=True)).reshape(-1)
+        return ReplayWeights(adv, ones, p.reshape(-1), ess, truncated)
+    if scale == "none":
+        adv = r - b
+    else:
+        var = (p * (r - b) ** 2).sum(-1, keepdim=True) * (G / (G - 1) if G > 1 else 0.0)
+        adv = (r - b) / (var.sqrt() + eps)
+    return ReplayWeights(adv.reshape(-1), (G * p).reshape(-1), p.reshape(-1), ess, truncated)
+
+
+def row_weight_behavior(cur_logps: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """Behaviour log-probs that make the loss's detached weight w = exp(old - behavior) equal to
+    ``row_weights`` on every token of a row (old = ``cur_logps``): cur - log(row_weight)."""
+    return cur_logps - torch.log(row_weights.to(cur_logps.dtype)).unsqueeze(-1)
+
+
 def importance_stats(cur_logps: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, cap: float) -> dict:
     """Sums over replayed tokens of w = min(exp(cur - mu), cap): n, sum w, sum w^2, truncated count."""
     valid = mask.bool()
@@ -120,6 +217,31 @@ def importance_stats(cur_logps: torch.Tensor, behavior: torch.Tensor, mask: torc
         "truncated": float((raw > cap).sum()),
         "w_max": float(w.max()) if w.numel() else 0.0,
     }
+
+
+def weight_stats(row_weights: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor) -> dict:
+    """``importance_stats`` for row weights (every token of row i weighs row_weights[i])."""
+    valid = mask.bool()
+    w = row_weights.double().unsqueeze(-1).expand(mask.shape)[valid]
+    tr = truncated.unsqueeze(-1).expand(mask.shape)[valid]
+    return {
+        "n": float(valid.sum()),
+        "w": float(w.sum()),
+        "w2": float((w * w).sum()),
+        "truncated": float(tr.sum()),
+        "w_max": float(w.max()) if w.numel() else 0.0,
+    }
+
+
+def _source_stats(acc: dict, rw: ReplayWeights, sources, group_size: int) -> None:
+    """Per replayed source: groups, the sum over groups of sum_i row_weight_i * A_i, sequence ESS."""
+    sums = rw.weighted_sums(group_size).tolist()
+    for src, total, ess in zip(sources, sums, rw.ess.tolist()):
+        key = "forget" if src == "forget" else "boundary"
+        acc[f"replay_groups_{key}"] += 1
+        acc[f"replay_adv_sum_{key}"] += total
+        acc["replay_ess_sum"] += ess
+        acc["replay_ess_groups"] += 1
 
 
 def micro_slices(n_rows: int, rows_per_micro: int):
@@ -149,12 +271,14 @@ class PolicyUpdate:
     """
 
     def __init__(self, model, loss_kwargs: dict, loss_impl: str, kernel_impl: str, amp_dtype,
-                 rows_per_micro: int | None, cap: float, lam: float, advantages: str = "recomputed",
-                 dist=None, forward=None, replay_normalize: str = "batch"):  # fmt: skip
+                 rows_per_micro: int | None, cap: float, lam: float, advantages: str = "consistent",
+                 dist=None, forward=None, replay_normalize: str = "batch", scale: str = "group"):  # fmt: skip
         self.model, self.kw, self.loss_impl = model, dict(loss_kwargs), loss_impl
         self.kernel_impl = kernel_impl
         self.amp, self.rows_per_micro, self.cap, self.lam = amp_dtype, rows_per_micro, cap, lam
-        self.adv_mode = advantages
+        if advantages not in REPLAY_ADVANTAGES:
+            raise ValueError(f"advantages must be one of {REPLAY_ADVANTAGES}, got {advantages!r}")
+        self.adv_mode, self.scale = advantages, scale
         self.replay_normalize = replay_normalize
         self.dist, self.forward = dist, forward
         if loss_impl == "fused_linear":
@@ -180,8 +304,8 @@ class PolicyUpdate:
         hidden = feats.detach().to(weight.dtype)
         return logps_from_hidden(hidden, weight, bias, mb, temperature, self.kernel_impl)
 
-    def _loss(self, feats, mb: SeqBatch, adv, behavior, ref, num_items):
-        kw = dict(self.kw, is_cap=self.cap, impl=self.kernel_impl, behavior_logps=behavior,
+    def _loss(self, feats, mb: SeqBatch, adv, behavior, ref, num_items, cap):
+        kw = dict(self.kw, is_cap=cap, impl=self.kernel_impl, behavior_logps=behavior,
                   ref_logps=ref if self.kw["beta"] > 0 else None)  # fmt: skip
         if kw["loss_type"] == "dapo":
             kw["num_items_in_batch"] = num_items
@@ -203,15 +327,23 @@ class PolicyUpdate:
         beh = None if s.behavior is None else _cols(s.behavior[rows], t)
         ref = None if s.ref is None else _cols(s.ref[rows], t)
         pre = "replay_" if replay else ""
+        cap = self.cap
         if replay:
             cur = self._current_logps(feats, mb)
-            if self.adv_mode == "recomputed":
-                adv = recompute_advantages(s.rewards[rows], cur, beh, mb.completion_mask, s.group_size)
-            w = importance_stats(cur, beh, mb.completion_mask, self.cap)
+            rw = replay_weights(s.rewards[rows], cur, beh, mb.completion_mask, s.group_size, self.cap,
+                                self.adv_mode, self.scale, stored=adv)  # fmt: skip
+            adv = rw.advantages.float()
+            if self.adv_mode == "consistent":
+                # Row weight G * p_i through the behaviour channel: w = exp(old - behavior) = G * p_i.
+                beh, cap = row_weight_behavior(cur, rw.row_weights), float(s.group_size)
+                w = weight_stats(rw.row_weights, mb.completion_mask, rw.truncated)
+            else:
+                w = importance_stats(cur, beh, mb.completion_mask, self.cap)
             acc["w_max"] = max(acc["w_max"], w.pop("w_max"))
             for k, v in w.items():
                 acc[k] += v
-        out = self._loss(feats, mb, adv.to(feats.device), beh, ref, total_tokens)
+            _source_stats(acc, rw, s.sources[rows.start : rows.stop : s.group_size], s.group_size)
+        out = self._loss(feats, mb, adv.to(feats.device), beh, ref, total_tokens, cap)
         n_tok = float(mb.completion_mask.sum())
         share = loss_scale(self.kw["loss_type"], rows.stop - rows.start, n_tok, total_rows, total_tokens)
         logps[rows, : min(t, logps.shape[1])] = out.logps[:, : logps.shape[1]]
@@ -292,6 +424,12 @@ class PolicyUpdate:
                 "is_truncated_frac": acc["truncated"] / n,
                 # normalized effective sample size (sum w)^2 / (n sum w^2), in (0, 1]
                 "is_ess": acc["w"] ** 2 / (n * acc["w2"]) if acc["w2"] > 0 else 1.0,
+                # sequence level, per replayed group: 1 / sum_i p_i^2 in samples (1..G), averaged over groups
+                "replay_ess": acc["replay_ess_sum"] / max(acc["replay_ess_groups"], 1.0),
+                # per source, summed over its replayed groups: sum_i row_weight_i * A_i (0 when consistent)
+                "replay_adv_sum_forget": acc["replay_adv_sum_forget"] if acc["replay_groups_forget"] else None,
+                "replay_adv_sum_boundary": (acc["replay_adv_sum_boundary"] if acc["replay_groups_boundary"]
+                                            else None),
             })  # fmt: skip
             out["train_tokens"] += acc["replay_tokens"]
         return logps[0], out
@@ -319,12 +457,20 @@ def collate_replay(groups, pad_id: int, device) -> UpdateSet:
         beh.to(device),
         None if ref is None else ref.to(device),
         G,
+        tuple(g.source for g in groups for _ in range(g.group_size)),
     )
 
 
-def warm_start_examples(task, forget_fraction: float, seed: int) -> list[tuple[object, str]]:
+WARM_START_MODES = ("rejection_steering", "with_answers")
+
+
+def warm_start_examples(task, forget_fraction: float, seed: int,
+                        mode: str = "with_answers") -> list[tuple[object, str]]:  # fmt: skip
     """(record, target) pairs: refusals naming the subject for a seeded ``forget_fraction`` of the forget
-    prompts, reference answers for every boundary prompt (RULE's rejection steering)."""
+    prompts; with ``mode="with_answers"`` also the reference answer of every boundary prompt.
+    ``rejection_steering`` (refusals only) is RULE's warm start."""
+    if mode not in WARM_START_MODES:
+        raise ValueError(f"warm start mode must be one of {WARM_START_MODES}, got {mode!r}")
     g = torch.Generator().manual_seed(seed)
     n = round(forget_fraction * len(task.forget))
     picked = sorted(torch.randperm(len(task.forget), generator=g)[:n].tolist())
@@ -332,7 +478,8 @@ def warm_start_examples(task, forget_fraction: float, seed: int) -> list[tuple[o
     for k, i in enumerate(picked):
         rec = task.forget[i]
         out.append((rec, REFUSAL_TEMPLATES[k % len(REFUSAL_TEMPLATES)].format(subject=rec.subject or "that")))
-    out += [(rec, rec.answer) for rec in task.boundary if rec.answer]
+    if mode == "with_answers":
+        out += [(rec, rec.answer) for rec in task.boundary if rec.answer]
     return out
 
 
@@ -354,7 +501,7 @@ def warm_start(
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    examples = warm_start_examples(task, cfg.forget_fraction, seed)
+    examples = warm_start_examples(task, cfg.forget_fraction, seed, getattr(cfg, "mode", "with_answers"))
     if not examples or cfg.epochs <= 0:
         return {"warm_start_steps": 0}
     device = next(model.parameters()).device

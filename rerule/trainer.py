@@ -7,8 +7,10 @@ Each step (``train_step``) reads top to bottom:
     -> buffer bookkeeping (evict solved prompts, admit new hard groups) -> metrics, checkpoint
 
 How it departs from plain GRPO (RULE):
-- replayed groups carry w = min(pi_old / mu, cap) with the clip taken against the current policy
-  and their advantages recomputed under it (``rerule.stages``);
+- replayed groups are an off-policy estimate of the on-policy GRPO update (``rerule.stages.replay_weights``,
+  docs/replay.md): self-normalized truncated sequence weights p_i = min(pi / mu, cap) / sum_j give each
+  group's baseline and std AND the row weight G * p_i, so its weighted advantages sum to zero; the PPO
+  clip is taken against the current policy;
 - hard groups (mean reward under the threshold, not flat) are stored with their behaviour
   log-probs, which come for free: they are the log-probs the update's own forward computes before
   the optimizer moves (the sampling policy, scored by the fused loss path);
@@ -174,7 +176,7 @@ class Trainer:
         r = c.replay
         self.buffer = ReplayBuffer(r.capacity, r.threshold, r.threshold_mode, r.quantile, r.quantile_window,
                                    r.eviction, r.staleness, r.max_reuse, r.sampling, r.priority_floor,
-                                   seed=self.seed + 1)  # fmt: skip
+                                   seed=self.seed + 1, sources=r.sources)  # fmt: skip
         s = c.sampling
         self.sampler = PromptSampler(len(self.pool), s.mode, s.floor, s.alpha, seed=self.seed + 2)
         loss_kwargs = dict(temperature=c.rollout.temperature, epsilon_low=c.loss.epsilon_low,
@@ -189,8 +191,10 @@ class Trainer:
         self.update = PolicyUpdate(model, loss_kwargs, self.loss_impl, c.loss.kernel_impl, self.amp,
                                    self.micro_rows, r.cap, r.lam, r.advantages,
                                    self.dist if self.dist.enabled else None, self.train_forward,
-                                   replay_normalize=r.normalize)  # fmt: skip
+                                   replay_normalize=r.normalize, scale=c.loss.scale_rewards)  # fmt: skip
         self.step = 0
+        # boundary prompts whose latest fresh group refused on every completion (the collapse regime)
+        self.collapsed: set[int] = set()
         self._rng: dict | None = None
         self.history: list[dict] = []
         self.time_total = 0.0
@@ -318,7 +322,7 @@ class Trainer:
         replayed = []
         if hybrid and c.replay.fraction > 0:
             n_replay = max(1, round(c.replay.fraction * P))
-            replayed = self.buffer.sample(n_replay, step)
+            replayed = self.buffer.sample(n_replay, step, c.replay.forget_share)
         replay_set = collate_replay(replayed, self.tokenizer.pad_token_id, self.device) if replayed else None
 
         # 4. one update on L_on + lambda * L_replay
@@ -370,8 +374,17 @@ class Trainer:
         self.time_total += t_step
         is_forget = [r.source == "forget" for r in records]
         refusals = [is_refusal(t) for t in texts]
+        all_refuse = [all(refusals[g * G : (g + 1) * G]) for g in range(P)]
+        for g, key in enumerate(idx):
+            if self.pool[key].source != "forget":
+                (self.collapsed.add if all_refuse[g] else self.collapsed.discard)(key)
         lengths = batch.completion_mask.sum(1)
-        counts = {"replay_groups": len(replayed), "replay_forget_groups": sum(g.source == "forget" for g in replayed),
+        n_forget = sum(g.source == "forget" for g in replayed)
+        counts = {"replay_groups": len(replayed), "replay_forget_groups": n_forget,
+                  "replay_boundary_groups": len(replayed) - n_forget,
+                  "boundary_all_refuse_groups": sum(a for g, a in enumerate(all_refuse)
+                                                    if self.pool[idx[g]].source != "forget"),
+                  "boundary_collapsed_prompts": len(self.collapsed),
                   "buffer_admitted": admitted, "buffer_evicted_solved": evicted_solved}  # fmt: skip
         buffer_stats, r_all = self.buffer.stats(), rewards
         if self.dist.enabled:
@@ -474,6 +487,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "time_total": self.time_total,
             "warm_start": self.warm_start_stats,
+            "collapsed": sorted(self.collapsed),
         }
 
     def save_checkpoint(self) -> Path:
@@ -508,6 +522,7 @@ class Trainer:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", changed)
         self.step, self.history, self.time_total = s["step"], list(s["history"]), s["time_total"]
         self.warm_start_stats = s.get("warm_start", {})
+        self.collapsed = set(s.get("collapsed", []))
         self.buffer.load_state_dict(s["buffer"])
         self.sampler.load_state_dict(s["sampler"])
         self._rng = s["rng"]

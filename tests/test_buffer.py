@@ -187,3 +187,26 @@ def test_prompt_sampler_uniform_and_prioritized():
     q = PromptSampler(3, mode="prioritized", floor=0.1, seed=5)
     q.load_state_dict(state)
     assert [p.sample(2) for _ in range(5)] == [q.sample(2) for _ in range(5)]
+
+
+def test_sample_forget_share_splits_slots_and_fills_from_the_other_source():
+    buf = ReplayBuffer(capacity=32, threshold=0.9, seed=0)
+    for k in range(6):
+        buf.offer(group(key=k, source="forget" if k < 4 else "boundary"))
+    got = buf.sample(4, step=0, forget_share=0.5)
+    assert sorted(g.source for g in got) == ["boundary", "boundary", "forget", "forget"]
+    # 3 of 4 slots wanted for boundary, but only 2 boundary groups exist: the rest go to forget
+    buf = ReplayBuffer(capacity=32, threshold=0.9, seed=1)
+    for k in range(6):
+        buf.offer(group(key=k, source="forget" if k < 4 else "boundary"))
+    got = buf.sample(4, step=0, forget_share=0.25)
+    assert sorted(g.source for g in got) == ["boundary", "boundary", "forget", "forget"]
+
+
+def test_sources_restrict_admission():
+    buf = ReplayBuffer(capacity=8, threshold=0.9, sources="boundary")
+    assert buf.offer(group(key=0, source="forget")) == "source_excluded"
+    assert buf.offer(group(key=1, source="boundary")) == "admitted"
+    assert buf.counters["source_excluded"] == 1 and len(buf) == 1
+    with pytest.raises(ValueError, match="sources"):
+        ReplayBuffer(sources="retain")

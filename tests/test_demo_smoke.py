@@ -80,11 +80,21 @@ def test_minimal_sweep_plots_gain_against_hardness(tmp_path):
         "sweep.steps=2",
         "sweep.eval_every=1",
     )
+    settings["sweep"]["regimes"] = ["rejection_steering"]
     report = run_sweep(settings)
     out = tmp_path / "demo" / "sweep"
     assert (out / "sweep_gain.png").stat().st_size > 0 and (out / "sweep.md").is_file()
-    stats = json.loads((out / "sweep.json").read_text())["summary"]["stats"]
+    assert (out / "sweep_front.png").stat().st_size > 0
+    saved = json.loads((out / "sweep.json").read_text())
+    stats = saved["summary"]["stats"]["rejection_steering"]
     assert set(stats) == {"0.0", "1.0"} and set(stats["1.0"]) == {"RULE", "ReRULE"}
+    # the held-out check's interface: per cell, each arm's final values and its per-evaluation values
+    cell = saved["cells"][0]
+    assert cell["regime"] == "rejection_steering" and len(saved["cells"]) == 4
+    assert {"boundary_quality", "forget_refusal_rate"} <= set(cell["summary"]["arms"]["ReRULE"]["final"])
+    assert [e["step"] for e in cell["arms"]["ReRULE"]["evals"]] == [0, 1, 2]
+    pair = saved["summary"]["matched"]["rejection_steering"]["1.0"]["ReRULE - RULE"]
+    assert pair["area"][2] == 2 and "Δ front area" in (out / "sweep.md").read_text()
     # RULE against itself: zero gain, and it reaches its own final quality within the budget.
     assert stats["0.0"]["RULE"]["gain"] == [0.0, 0.0] and stats["0.0"]["RULE"]["reach_never"] == 0
     assert stats["0.0"]["RULE"]["point_never"] == 0
@@ -279,15 +289,17 @@ def test_sweep_summary_means_and_censoring():
         "cells": cells,
     }
     s = sweep_summary(report)
-    st = s["stats"]["0.8"]["ReRULE"]
+    assert list(s["stats"]) == ["with_answers"]  # cells without a regime: the default warm start
+    st = s["stats"]["with_answers"]["0.8"]["ReRULE"]
     assert st["gain"][0] == pytest.approx(0.0) and st["gain"][1] == pytest.approx(math.sqrt(2 * 0.1**2) / math.sqrt(2))
     # At 0.2 ReRULE ends at 0.45 < RULE's 0.5 after starting at 0.6 (reached at step 0).
-    assert s["stats"]["0.2"]["ReRULE"]["reach"] == (0.0, 0.0)
+    assert s["stats"]["with_answers"]["0.2"]["ReRULE"]["reach"] == (0.0, 0.0)
     # A curve that never reaches the target is censored at budget + eval interval.
     for c in cells:
         c["summary"]["arms"]["ReRULE"]["steps_to_reference_final_bq"] = None
     s = sweep_summary(report)
-    assert s["stats"]["0.8"]["ReRULE"]["reach"][0] == 8 and s["stats"]["0.8"]["ReRULE"]["reach_never"] == 2
+    st = s["stats"]["with_answers"]["0.8"]["ReRULE"]
+    assert st["reach"][0] == 8 and st["reach_never"] == 2
     assert "(2 never)" in s["table_text"]
 
 

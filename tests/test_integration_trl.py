@@ -301,13 +301,17 @@ def test_unsupported_configurations_raise(trainer, setattrs):
         trainer._compute_loss(trainer.model, inputs)
 
 
+@pytest.mark.parametrize("mode", ["consistent", "recomputed"])
 @pytest.mark.parametrize("beta", [0.0, 0.05], ids=["beta0", "beta-bias-corrected-kl"])
-def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_path, beta):
+def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_path, beta, mode):
     """ReplayGRPOTrainer's loss on a batch with replayed rows equals L_on(fresh rows) from TRL's
-    native loss + lambda * the spec's replay loss (w = min(exp(old - mu), cap) on the policy term).
-    beta0: old = current (ratio 1). With beta > 0 (TRL's default use_bias_correction_kl=True) old
-    is off the current policy, and the replayed rows' KL is k3 x exp(logp - old), not weighted by w."""
-    args = config(output_dir=str(tmp_path), loss_type="grpo", beta=beta, replay_weight=0.7, replay_is_cap=1.5)
+    native loss + lambda * the spec's replay loss (w = min(exp(old - behavior), cap) on the policy term;
+    consistent: behavior carries the row weight G * p_i <= G and the cap is G, so it is not truncated
+    again; recomputed: the cap is replay_is_cap). beta0: old = current (ratio 1). With beta > 0 (TRL's
+    default use_bias_correction_kl=True) old is off the current policy, and the replayed rows' KL is
+    k3 x exp(logp - old), not weighted by w."""
+    args = config(output_dir=str(tmp_path), loss_type="grpo", beta=beta, replay_weight=0.7, replay_is_cap=1.5,
+                  replay_advantages=mode)  # fmt: skip
     tr = ReplayGRPOTrainer(
         model=model_dir,
         reward_funcs=random_reward,
@@ -345,11 +349,12 @@ def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_
         ref_logps=inputs["ref_per_token_logps"][replay] if beta else None,
         beta=beta,
         bias_correction_kl=True,
-        is_cap=1.5,
+        is_cap=1.5 if mode == "recomputed" else float(tr.num_generations),
         loss_type="grpo",
     )
     torch.testing.assert_close(ours, on + 0.7 * spec.loss, rtol=1e-5, atol=1e-7)
-    assert spec.metrics["is_truncated_frac"] > 0  # the cap is active on these inputs
+    if mode == "recomputed":
+        assert spec.metrics["is_truncated_frac"] > 0  # the cap is active on these inputs
     assert tr._metrics["train"]["replay/is_truncated_frac"][-1] == pytest.approx(
         spec.metrics["is_truncated_frac"].item(), abs=1e-6
     )
@@ -449,3 +454,37 @@ def test_mix_replay_pads_and_recomputes(model_dir, tmp_path):
     )
 
 # The README section "Using rerule inside TRL / verl / OpenRLHF" runs in tests/test_readme.py.
+
+
+def test_mix_replay_consistent_weights_sum_to_zero(model_dir, tmp_path):
+    """An off-policy stored group (mu shifted per row): the merged rows carry advantages A_i and
+    behaviour log-probs whose weight exp(old - behavior) is the row weight G * p_i (the same on every
+    token of a row), with sum_i G p_i A_i = 0, and the logged replay/adv_sum is 0."""
+    tr = ReplayGRPOTrainer(
+        model=model_dir,
+        reward_funcs=random_reward,
+        args=config(output_dir=str(tmp_path), replay_is_cap=2.0),
+        processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
+        train_dataset=dataset(),
+    )
+    tr.model.train()
+    out = make_inputs(tr, seed=8)
+    g = torch.Generator().manual_seed(10)
+    G, P, C = 4, 3, 6
+    prompt = torch.randint(4, 65, (P,), generator=g)
+    comp = torch.randint(4, 65, (G, C), generator=g)
+    cmask = torch.ones(G, C, dtype=torch.long)
+    pi = tr._policy_logps(prompt.expand(G, P), torch.ones(G, P, dtype=torch.long), comp, cmask)
+    mu = pi + torch.tensor([0.3, -0.2, 0.4, -0.5])[:, None]  # sequence ratios e^-1.8 .. e^3 (one truncated)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    group = ReplayGroup(key=2, prompt_ids=prompt, completion_ids=comp, completion_mask=cmask, rewards=rewards,
+                        advantages=torch.zeros(G), behavior_logps=mu, step=0, source="forget")  # fmt: skip
+    assert tr.replay_buffer.offer(group) == "admitted"
+    merged = tr._mix_replay(dict(out), step=0)
+    B = out["completion_ids"].size(0)
+    w = torch.exp(merged["old_per_token_logps"][B:, :C] - merged["behavior_per_token_logps"][B:, :C])
+    torch.testing.assert_close(w, w[:, :1].expand_as(w), rtol=1e-4, atol=1e-5)
+    adv = merged["advantages"][B:]
+    assert abs(float((w[:, 0] * adv).sum())) < 1e-4 and float(w[:, 0].sum()) == pytest.approx(G, rel=1e-4)
+    assert not torch.allclose(w[:, 0], torch.ones(G))
+    assert tr._metrics["train"]["replay/adv_sum"][-1] == pytest.approx(0.0, abs=1e-9)

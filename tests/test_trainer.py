@@ -4,6 +4,7 @@ happens with w <= cap and a real gradient, micro-batching is exact, RULE and ReR
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace as NS
 
 import pytest
@@ -103,7 +104,8 @@ def test_replay_updates_happen_with_capped_weights(tmp_path):
     cfg = toy_config(
         tmp_path,
         steps=6,
-        **{"replay.enabled": "true", "replay.start_step": 2, "replay.fraction": 0.5, "replay.cap": 1.5},
+        **{"replay.enabled": "true", "replay.start_step": 2, "replay.fraction": 0.5, "replay.cap": 1.5,
+           "replay.advantages": "recomputed"},
     )
     tr = Trainer(cfg, task=toy_task(), reward_fn=upper_reward)
     hist = tr.train()
@@ -225,19 +227,33 @@ def test_micro_batches_match_full_batch(loss_type, micro):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.05], ids=["no-kl", "kl"])
+@pytest.mark.parametrize("mode", ["consistent", "recomputed"])
 @pytest.mark.parametrize("normalize", ["replay", "batch"])
-def test_replayed_loss_gradient_is_the_decoupled_objective(normalize):
+def test_replayed_loss_gradient_is_the_decoupled_objective(normalize, mode, beta):
     """Replay-only gradient (fresh advantages zero) equals an independent autograd of
-    lambda * sum_seq(mean_t(-w * A_recomputed * exp(logp - logp.detach()))) / n, w = min(exp(logp - mu), cap),
-    n = replayed rows ("replay": L_replay is its own mean) or fresh + replayed rows ("batch")."""
+    lambda * sum_seq(mean_t(-rw_i * w_t * A_i * exp(logp - logp.detach()) + beta * kw_t * k3_t)) / n with
+    n = replayed rows ("replay": L_replay is its own mean) or fresh + replayed rows ("batch") and
+    - consistent: p_i = softmax_i(min(sum_t (logp - mu), log cap)), b = sum p r, s^2 = G/(G-1) sum p (r - b)^2,
+      A_i = (r_i - b) / (s + 1e-4), rw_i = G p_i, w_t = 1, KL weight kw_t = G p_i;
+    - recomputed (the biased ablation): A from recompute_advantages, rw_i = 1,
+      w_t = kw_t = min(exp(logp - mu), cap)."""
     tok = build_char_tokenizer()
     model = build_tiny_llama(len(tok), seed=3, tokenizer=tok)
     fresh = _random_set(len(tok))
     fresh.advantages = torch.zeros_like(fresh.advantages)
     rep = _random_set(len(tok), T=6, P=4, seed=4, behavior=True)
+    G = rep.group_size
     lam, cap = 0.7, 1.5
-    kw = dict(LOSS_KW, loss_type="grpo")
-    update = PolicyUpdate(model, kw, "logits", "torch", None, None, cap, lam, replay_normalize=normalize)
+    kw = dict(LOSS_KW, loss_type="grpo", beta=beta, is_weight_kl=True)
+    if beta:
+        rep.ref = -torch.rand(rep.batch.completion_ids.shape, generator=torch.Generator().manual_seed(5)) * 4
+    update = PolicyUpdate(model, kw, "logits", "torch", None, None, cap, lam, advantages=mode,
+                          replay_normalize=normalize)  # fmt: skip
+    if beta:
+        # the fresh rows' KL gradient is exactly zero: their reference is their own current log-probs
+        with torch.no_grad():
+            fresh.ref = update._current_logps(update._features(fresh.batch), fresh.batch)
     got = _grads(model, update, fresh, rep)
     assert sum(float(g.abs().sum()) for g in got) > 0
 
@@ -249,15 +265,27 @@ def test_replayed_loss_gradient_is_the_decoupled_objective(normalize):
     logits = logits[:, b.prompt_ids.shape[1] - 1 : -1].double()
     logp = torch.log_softmax(logits, -1).gather(-1, b.completion_ids.unsqueeze(-1)).squeeze(-1)
     m = b.completion_mask.double()
-    w = torch.exp(logp.detach() - rep.behavior.double()).clamp(max=cap)
-    adv = recompute_advantages(
-        rep.rewards, logp.detach().float(), rep.behavior, b.completion_mask, 4
-    ).double()
+    mu = rep.behavior.double()
+    if mode == "consistent":
+        r = rep.rewards.double().view(-1, G)
+        lr = ((logp.detach() - mu) * m).sum(-1).view(-1, G)
+        p = torch.softmax(lr.clamp(max=math.log(cap)), -1)
+        base = (p * r).sum(-1, keepdim=True)
+        s = (G / (G - 1) * (p * (r - base) ** 2).sum(-1, keepdim=True)).sqrt()
+        adv = ((r - base) / (s + 1e-4)).view(-1)
+        w = (G * p).view(-1, 1).expand_as(logp)
+        assert float((w[:, 0] * adv).view(-1, G).sum(-1).abs().max()) < 1e-9
+    else:
+        adv = recompute_advantages(rep.rewards, logp.detach().float(), rep.behavior, b.completion_mask, G).double()
+        w = torch.exp(logp.detach() - mu).clamp(max=cap)
     tok_loss = -w * adv[:, None] * torch.exp(logp - logp.detach())
+    if beta:
+        ref = rep.ref.double()
+        tok_loss = tok_loss + beta * w * (torch.exp(ref - logp) - (ref - logp) - 1)
     n = len(rep.batch) + (len(fresh.batch) if normalize == "batch" else 0)
     (lam * ((tok_loss * m).sum(-1) / m.sum(-1)).sum() / n).backward()
-    for a, p in zip(got, model.parameters()):
-        torch.testing.assert_close(a, p.grad.to(a.dtype), atol=1e-6, rtol=1e-4)
+    for a, p_ in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p_.grad.to(a.dtype), atol=1e-6, rtol=1e-4)
 
 
 def test_replay_disabled_is_rule_on_the_same_path(tmp_path):
@@ -285,6 +313,11 @@ def test_warm_start_kl_reference_and_hooks(tmp_path):
     )
     examples = warm_start_examples(toy_task(), 0.5, seed=0)
     assert sum("not certain" in t or "beyond" in t for _, t in examples) == 2 and len(examples) == 6
+    # RULE's rejection steering: the same refusals, no boundary answers
+    steering = warm_start_examples(toy_task(), 0.5, seed=0, mode="rejection_steering")
+    assert steering == examples[:2] and all(r.source == "forget" for r, _ in steering)
+    with pytest.raises(ValueError, match="mode"):
+        warm_start_examples(toy_task(), 0.5, seed=0, mode="answers")
     seen = []
     tr = Trainer(cfg, task=toy_task(), reward_fn=upper_reward, evaluate_fn=lambda t: {"p_upper": p_upper(t)})
     ws = tr.warm_start_stats
@@ -388,3 +421,33 @@ def test_tokenizers_round_trip_and_bpe_is_deterministic():
     assert a.get_vocab() == b.get_vocab() and len(a) <= 300
     ids = a(text, add_special_tokens=False)["input_ids"]
     assert a.decode(ids) == text and len(ids) < len(text) / 2
+
+
+def test_consistent_replay_run_logs_zero_advantage_sums(tmp_path):
+    """The default estimator in the loop: replayed groups' weighted advantages sum to 0 per source,
+    row weights <= G, sequence-level ESS in [1, G], per-source counts add up, collapse metrics present."""
+    cfg = toy_config(tmp_path, steps=5, **{"replay.enabled": "true", "replay.start_step": 1, "replay.fraction": 0.5})
+    assert cfg.replay.advantages == "consistent"
+    hist = Trainer(cfg, task=toy_task(), reward_fn=upper_reward).train()
+    hybrid = [m for m in hist if m["replay_groups"]]
+    assert hybrid, [m["buffer_size"] for m in hist]
+    for m in hybrid:
+        assert m["replay_forget_groups"] + m["replay_boundary_groups"] == m["replay_groups"]
+        sums = [m[k] for k in ("replay_adv_sum_forget", "replay_adv_sum_boundary") if m[k] is not None]
+        assert sums and max(abs(x) for x in sums) < 1e-4
+        assert 1.0 <= m["replay_ess"] <= 8.0 + 1e-9 and 0 < m["is_weight_max"] <= 8.0
+    assert all(m["boundary_collapsed_prompts"] >= 0 and m["boundary_all_refuse_groups"] >= 0 for m in hist)
+
+
+def test_replay_sources_filter_the_buffer(tmp_path):
+    cfg = toy_config(tmp_path, steps=4, **{"replay.enabled": "true", "replay.start_step": 1,
+                                           "replay.fraction": 0.5, "replay.sources": "forget"})  # fmt: skip
+    tr = Trainer(cfg, task=toy_task(), reward_fn=upper_reward)
+    hist = tr.train()
+    assert all(e.source == "forget" for e in tr.buffer.entries)
+    assert tr.buffer.counters["source_excluded"] > 0
+    assert sum(m["replay_groups"] for m in hist) > 0 and all(m["replay_boundary_groups"] == 0 for m in hist)
+    with pytest.raises(ValueError, match="replay.sources"):
+        toy_config(tmp_path, **{"replay.sources": "retain"})
+    with pytest.raises(ValueError, match="replay.forget_share"):
+        toy_config(tmp_path, **{"replay.forget_share": 1.5})

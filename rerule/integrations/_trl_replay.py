@@ -11,19 +11,24 @@ How it departs from ``FusedGRPOTrainer`` (DESIGN.md, "ReRULE"):
    A prompt whose fresh group scores at or above the threshold has its stored groups evicted.
 2. From global step ``replay_start_step`` on, ``replay_fraction`` x (fresh groups) groups are drawn
    from the buffer and appended to the batch (rounded so the batch still splits evenly over
-   ``steps_per_generation``). For them pi_old is a no-grad forward of the current policy; their
-   advantages are recomputed with self-normalized weights pi_old / mu (``replay_advantages=
-   "recompute"``, rerule.stages.recompute_advantages) or kept as stored.
+   ``steps_per_generation``). For them pi_old is a no-grad forward of the current policy. Their
+   advantages and row weights come from ``rerule.stages.replay_weights``: by default the consistent
+   estimator (``replay_advantages="consistent"``, docs/replay.md): per group, truncated sequence
+   ratios min(pi_old / mu, replay_is_cap), self-normalized to p_i, give the baseline, the std and
+   the row weight G * p_i, so the group's weighted advantages sum to zero; the ablations
+   ``"recomputed"`` (the first version: p_i baseline, row weight 1, token weights) and ``"stored"``.
 3. The loss of a micro-batch is L_on(fresh rows) + replay_weight * L_replay(replayed rows), one
    backbone forward for both. L_on is exactly FusedGRPOTrainer's (TRL's) loss. L_replay is the
-   decoupled form: the PPO clip against pi_old, the truncated detached weight
-   w = min(pi_old / mu, replay_is_cap) on the policy term, the same loss_type, its normalizer taken
-   over the replayed rows (dapo: replayed tokens of the whole generation batch). With beta > 0 the
-   KL term is the fresh rows' (k3, times pi / pi_old under ``use_bias_correction_kl``), not weighted
-   by w, as in rerule's loss spec.
+   decoupled form: the PPO clip against pi_old and a detached weight on the policy term (consistent:
+   the row weight G * p_i; the ablations: the token weight min(pi_old / mu, replay_is_cap)), the same
+   loss_type, its normalizer taken over the replayed rows (dapo: replayed tokens of the whole
+   generation batch). With beta > 0 the KL term is the fresh rows' (k3, times pi / pi_old under
+   ``use_bias_correction_kl``), not weighted, as in rerule's loss spec.
 
 Logged: replay/buffer_size, replay/admitted, replay/groups, replay/is_weight_mean,
-replay/is_truncated_frac, replay/is_ess, replay/loss, next to TRL's metrics for the fresh rows.
+replay/is_truncated_frac, replay/is_ess, replay/ess (sequence level, per group, in samples),
+replay/adv_sum (mean over replayed groups of sum_i row_weight_i * A_i), replay/loss, next to TRL's
+metrics for the fresh rows.
 Not supported with replay: tool masks and multimodal inputs (the batch is left as TRL made it).
 """
 
@@ -39,7 +44,7 @@ from trl import GRPOConfig
 from rerule import fused_linear_grpo_loss
 from rerule.buffer import ReplayBuffer, ReplayGroup
 from rerule.integrations.trl import FusedGRPOTrainer
-from rerule.stages import recompute_advantages
+from rerule.stages import REPLAY_ADVANTAGES, replay_weights, row_weight_behavior
 
 REPLAY_KEYS = ("replay_mask", "behavior_per_token_logps", "replay_num_items")
 _SKIP_KEYS = (
@@ -74,15 +79,17 @@ class ReplayGRPOConfig(GRPOConfig):
     replay_staleness: int = field(default=16, metadata={"help": "drop groups older than this many steps"})
     replay_max_reuse: int = field(default=4, metadata={"help": "drop a group after this many replays"})
     replay_advantages: str = field(
-        default="recompute", metadata={"help": "'recompute' (self-normalized pi_old/mu) or 'stored'"}
+        default="consistent",
+        metadata={"help": "'consistent' (self-normalized truncated sequence weights give baseline, std and "
+                  "row weight), 'recomputed' (biased ablation) or 'stored'"},
     )
     replay_seed: int = field(default=0, metadata={"help": "seed of the buffer's sampler"})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.replay_advantages not in ("recompute", "stored"):
+        if self.replay_advantages not in REPLAY_ADVANTAGES:
             raise ValueError(
-                f"replay_advantages must be 'recompute' or 'stored', got {self.replay_advantages!r}"
+                f"replay_advantages must be one of {REPLAY_ADVANTAGES}, got {self.replay_advantages!r}"
             )
         if not 0 <= self.replay_fraction <= 1:
             raise ValueError(f"replay_fraction must be in [0, 1], got {self.replay_fraction}")
@@ -251,15 +258,16 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
             rep["prompt_ids"], rep["prompt_mask"], rep["completion_ids"], rep["completion_mask"]
         )
         rewards = torch.cat([g.rewards for g in groups]).to(device)
-        if self.args.replay_advantages == "stored":
-            adv = torch.cat([g.advantages for g in groups]).to(device)
-        elif self.scale_rewards == "none":
-            log_rho = ((cur - mu) * rep["completion_mask"]).sum(-1).view(-1, G)
-            r = rewards.view(-1, G)
-            adv = (r - (torch.softmax(log_rho, -1) * r).sum(-1, keepdim=True)).view(-1)
-        else:
-            adv = recompute_advantages(rewards, cur, mu, rep["completion_mask"], G).to(device)
-        rep["advantages"] = adv.to(out["advantages"].dtype)
+        mode = self.args.replay_advantages
+        rw = replay_weights(rewards, cur, mu, rep["completion_mask"], G, self.args.replay_is_cap, mode,
+                            scale="none" if self.scale_rewards == "none" else "group",
+                            stored=torch.cat([g.advantages for g in groups]))  # fmt: skip
+        rep["advantages"] = rw.advantages.to(device, out["advantages"].dtype)
+        metrics = self._metrics["train"]
+        metrics["replay/ess"].append(float(rw.ess.mean()))
+        metrics["replay/adv_sum"].append(float(rw.weighted_sums(G).mean()))
+        # consistent: the row weight G * p_i reaches the loss as w = exp(old - behavior) (rerule.stages)
+        weight_logps = row_weight_behavior(cur, rw.row_weights.to(device)) if mode == "consistent" else mu
         if out.get("old_per_token_logps") is not None:
             rep["old_per_token_logps"] = cur
         if out.get("ref_per_token_logps") is not None:
@@ -276,7 +284,7 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
             rep["importance_sampling_ratio"] = torch.ones(
                 mu.size(0), out["importance_sampling_ratio"].size(1), device=device
             )
-        return self._concat(out, rep, mu)
+        return self._concat(out, rep, weight_logps)
 
     @torch.no_grad()
     def _reference_logps(self, rep):
@@ -346,7 +354,9 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
                     part["completion_mask"],
                     mode,
                     behavior_logps=part["behavior_per_token_logps"],
-                    is_cap=self.args.replay_is_cap,
+                    # consistent: w carries the row weight G * p_i <= G, which must not be truncated again
+                    is_cap=(float(self.num_generations) if self.args.replay_advantages == "consistent"
+                            else self.args.replay_is_cap),  # fmt: skip
                     num_items=part["replay_num_items"],
                 )
 
