@@ -12,6 +12,9 @@ from dataclasses import dataclass
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
 ADV_SCALES = ("group", "batch", "none")
+# TRL's vLLM importance-sampling correction modes (vllm_importance_sampling_mode), applied to the
+# behaviour / sampling log-probs; computed in torch (grpo_math.importance_weights), not in the kernels.
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclass(frozen=True)
