@@ -12,15 +12,15 @@ plain or bias-corrected KL):
 
 - loss mask = completion_mask * tool_mask (when present); advantages [B]; old / ref per-token
   log-probs as given (old absent: ratio 1 with the gradient of the current log-probs, as TRL).
-- TRL's vLLM correction ``importance_sampling_ratio`` (token [B, T] or sequence [B, 1], truncated or
-  masked, multiplying the policy term only) becomes our behaviour weight:
-  ``behavior_logps = old - log(ratio)`` with no extra cap, so w = ratio exactly (a masked ratio of 0
-  becomes w = exp(-1e4) = 0). A sequence-level ratio is broadcast over its tokens, which is what
-  TRL's [B, 1] x [B, T] product does, so both modes match.
-- normalizers: grpo as is; bnpo, dr_grpo and dapo are computed as a token sum divided by TRL's own
-  normalizer (mask sum; B * max_completion_length; num_items_in_batch / num_processes *
-  grad_accum / steps_per_generation), and grpo / bnpo / dr_grpo by the gradient-accumulation steps,
-  exactly where TRL divides.
+- TRL's vLLM correction ``importance_sampling_ratio`` (all four ``vllm_importance_sampling_mode`` values:
+  token [B, T] or sequence [B, 1] = exp of the summed old - sampling log-prob differences, truncated or
+  masked to [clip_min, clip_max]; it multiplies the policy term only) is passed as the kernel's
+  ``is_ratio``, used as given. The same modes are available without TRL as ``grpo_loss(...,
+  behavior_logps=sampling_logps, is_mode=..., is_cap=clip_max, is_cap_min=clip_min)``.
+- normalizers: TRL's grpo / bnpo as the kernel's own; dr_grpo as a token sum over B * max_completion_length;
+  dapo over num_items_in_batch / num_processes * grad_accum / steps_per_generation; grpo / bnpo / dr_grpo
+  divided by the gradient-accumulation steps: all folded into the kernel's reduction weights
+  (``gradient_accumulation_steps`` / ``steps_per_generation`` / ``num_processes`` of the loss API).
 - ``use_bias_correction_kl`` (TRL's default True) becomes ``bias_correction_kl``: the k3 KL times the
   unclipped, differentiable ratio exp(log_ratio) (token: exp(logp - old); sequence: exp of the masked
   mean, broadcast over the tokens), as TRL. The vLLM ratio stays on the policy term only, as in TRL.
