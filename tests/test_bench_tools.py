@@ -5,6 +5,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,23 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     table = (out / "benchmarks.md").read_text()
     assert "#### GRPO loss over logits" in table and "TRL selective_log_softmax + TRL loss" in table
     assert (out / "env.txt").is_file() and result[0].with_suffix(".png").is_file()
+
+
+def test_benchmark_disable_runs_every_benchmark_once_and_writes_nothing(tmp_path):
+    """pytest-benchmark's convention: ``pytest bench --benchmark-disable`` runs each benchmark once as a
+    plain test (no crash on benchmark.stats being None) and leaves no results file behind."""
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "RERULE_BENCH_"))}
+    env.update(RERULE_BENCH_PROFILE="smoke", RERULE_BENCH_OUT=str(out))
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+           "--benchmark-disable", "-rs"]
+    run = lambda *extra: subprocess.run(cmd + list(extra), cwd=ROOT, env=env, capture_output=True, text=True,
+                                        timeout=300)
+    collected = run("--collect-only").stdout
+    n_gates, n_times = collected.count("::test_gate["), collected.count("::test_time[")
+    assert n_gates >= 4 and n_times >= 4, collected[-2000:]
+    res = run()
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert f"{n_gates + n_times} passed" in log and "skipped" not in log, log[-3000:]
+    assert not out.exists()  # no results JSON
