@@ -382,3 +382,29 @@ def test_benchmark_disable_runs_every_benchmark_once_and_writes_nothing(tmp_path
     assert res.returncode == 0, log[-3000:]
     assert f"{n_gates + n_times} passed" in log and "skipped" not in log, log[-3000:]
     assert not out.exists()  # no results JSON
+
+
+def test_gpu_e2e_sh_cpu_smoke(tmp_path):
+    """bench/gpu_e2e.sh --cpu: `rerule train` on the tiny model, RULE and ReRULE, 2 steps each, and the kernel
+    bf16 checks at a small shape; two result files (plus the shared log) for the device tool."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "RERULE_"))}
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_e2e.sh"), str(out), "--cpu"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["e2e_train.json", "e2e_train.md", "gpu_sh.log"]
+    data = json.loads((out / "e2e_train.json").read_text())
+    assert data["device"] == "cpu" and set(data["models"]) == {"tiny"} and not data["not_run"]
+    tiny = data["models"]["tiny"]
+    for arm in ("rule", "rerule"):
+        s = tiny[arm]
+        assert s["steps"] == 2 and s["generated_tokens"] > 0 and s["train_tokens"] > 0
+        assert 0 < s["rollout_s"] < s["step_s"] and 0 < s["update_s"] < s["step_s"]
+        assert s["rollout_tok_per_s"] > 0 and s["update_tok_per_s"] > 0
+    assert math.isfinite(tiny["overhead"]["step"]) and math.isfinite(tiny["overhead"]["update"])
+    checks = data["kernel_checks"]
+    assert len(checks) == 2 and all(c["ok"] for c in checks), checks
+    assert all(set(c["logits"]) == {"loss", "logps", "grad_logits"} for c in checks)
+    table = (out / "e2e_train.md").read_text()
+    assert "| tiny | rule |" in table and "| tiny | rerule |" in table and "FAILED" not in table
