@@ -308,6 +308,32 @@ def test_parity_vllm_modes_from_trl_generation(trainer, setattrs, mode, loss_typ
     torch.testing.assert_close(w[m], ratio.expand_as(w)[m], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_loss_api_clip_metrics_are_trls(trainer, setattrs, level):
+    """grpo_loss's clip_ratio_low / high equal TRL's logged clip_ratio/low_mean / high_mean: means over
+    tokens at token level, over sequences at sequence level (where the two differ on these inputs)."""
+    setattrs(loss_type="grpo", beta=0.0, importance_sampling_level=level)
+    inputs = make_inputs(trainer, seed=14, off_policy=0.5)
+    native = run(trainer, lambda m, i: native_loss(trainer, m, i), inputs)[2]
+    C = inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logits = trainer.model(input_ids=ids, attention_mask=attn).logits[:, -C - 1 : -1]
+    out = grpo_loss(logits, inputs["completion_ids"], inputs["completion_mask"], inputs["advantages"],
+                    old_logps=inputs["old_per_token_logps"], importance_sampling_level=level, impl="torch")
+    low, high = out.metrics["clip_ratio_low"].item(), out.metrics["clip_ratio_high"].item()
+    assert low + high > 0
+    assert low == pytest.approx(native["clip_ratio/low_mean"], abs=1e-6)
+    assert high == pytest.approx(native["clip_ratio/high_mean"], abs=1e-6)
+    if level == "sequence":  # the token-weighted mean would differ here
+        m = inputs["completion_mask"].float()
+        lr = ((out.logps - inputs["old_per_token_logps"]) * m).sum(-1) / m.sum(-1)
+        a = inputs["advantages"]
+        tok = ((((lr.exp() < 0.8) & (a < 0)) | ((lr.exp() > 1.2) & (a > 0))).float()[:, None] * m).sum() / m.sum()
+        assert abs(tok.item() - (low + high)) > 1e-3
+
+
 def test_parity_tool_mask_delta_eps_high_and_no_old(trainer, setattrs):
     setattrs(loss_type="grpo", beta=0.05, epsilon_high=0.28, args_delta=1.5)
     inputs = make_inputs(trainer, seed=4)
