@@ -61,8 +61,9 @@ def train_config(model: str, arm: str, p: dict, device: str, out_dir: Path, mode
         "optim": {"lr": 1e-3 if model == "tiny" else 2e-6},
         "loss": {"beta": 1e-2},
         "warm_start": {"epochs": 0},
-        # ReRULE replays from step 1 so that every measured step of the ReRULE arm is a hybrid step
-        "replay": {"enabled": arm == "rerule", "start_step": 1, "fraction": 0.125},
+        # ReRULE replays from step 1, and admits every group that is not solved and not flat (threshold 1),
+        # so that the measured ReRULE steps replay whenever the buffer holds anything
+        "replay": {"enabled": arm == "rerule", "start_step": 1, "fraction": 0.125, "threshold": 1.0},
     }  # fmt: skip
     if model == "tiny":
         cfg["model"] = {"name_or_path": "tiny", "tiny": TINY_CPU if device == "cpu" else TINY_GPU}
@@ -176,6 +177,7 @@ def kernel_checks(device: str, cpu: bool) -> list[dict]:
     from rerule.kernels.reference import grpo_loss_reference
 
     dev = torch.device(device)
+    torch.set_float32_matmul_precision("highest")  # an fp32 reference: no TF32 in its products
     shapes = [(2, 16, 1000, 64)] if cpu else [(4, 256, 49152, 576), (2, 128, 151936, 896)]
     options = [
         ("grpo-token", dict(loss_type="grpo"), {}),
@@ -304,7 +306,11 @@ def main(argv=None) -> int:
         (out / MD_NAME).write_text(markdown(data))
 
     print("== kernel bf16 checks", flush=True)
-    data["kernel_checks"] = kernel_checks(device, args.cpu)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        data["kernel_checks"] = kernel_checks(device, args.cpu)
+    finally:  # training runs with the process default
+        torch.set_float32_matmul_precision(precision)
     data["kernel_checks_s"] = time.perf_counter() - t0
     write()
 
