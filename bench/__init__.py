@@ -1,4 +1,5 @@
-"""Kernel benchmarks (pytest-benchmark: ``make bench``) and the GPU check script ``bench/gpu.sh``.
+"""Kernel benchmarks (pytest-benchmark: ``make bench``), the GPU check script ``bench/gpu.sh`` and the
+end-to-end training script ``bench/gpu_e2e.sh`` (helper ``bench/e2e_train.py``).
 
 Importing this package also makes a bare checkout importable: setup.py ships ``kernels/`` as
 ``rerule.kernels``, which only an install maps. On a machine without one (the GPU machine has no

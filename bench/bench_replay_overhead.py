@@ -74,9 +74,10 @@ def test_replay_overhead(benchmark, device, tmp_path):
         cpu[name].append(time.process_time() - t0)
 
     # The RULE step is each round's setup, which pytest-benchmark does not time; both time themselves.
-    benchmark.pedantic(step, args=("rerule", rerule), setup=lambda: step("rule", rule), rounds=ROUNDS,
+    rounds = ROUNDS if benchmark.enabled else 1  # --benchmark-disable: one paired round, as a plain test
+    benchmark.pedantic(step, args=("rerule", rerule), setup=lambda: step("rule", rule), rounds=rounds,
                        iterations=1, warmup_rounds=0)  # fmt: skip
-    rule_steps, rerule_steps = rule.history[-ROUNDS:], rerule.history[-ROUNDS:]
+    rule_steps, rerule_steps = rule.history[-rounds:], rerule.history[-rounds:]
     assert all(m["replay_groups"] >= 1 for m in rerule_steps), "the benchmark must actually replay"
 
     def med(rows, key):
@@ -88,7 +89,7 @@ def test_replay_overhead(benchmark, device, tmp_path):
     t_rule, t_rerule = med(rule_steps, "time_step_s"), med(rerule_steps, "time_step_s")
     u_rule, u_rerule = med(rule_steps, "time_update_s"), med(rerule_steps, "time_update_s")
     benchmark.extra_info.update({
-        "device": device, "threads": torch.get_num_threads(), "rounds": ROUNDS,
+        "device": device, "threads": torch.get_num_threads(), "rounds": rounds,
         "rule_step_cpu_s": c_rule, "rerule_step_cpu_s": c_rerule, "step_cpu_ratio": paired,
         "rule_step_s": t_rule, "rerule_step_s": t_rerule, "step_time_ratio": t_rerule / t_rule,
         "rule_rollout_s": med(rule_steps, "time_rollout_s"),

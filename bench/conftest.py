@@ -2,6 +2,9 @@
 
 Runs gates first, then the timings in priority order (the issue's goal shapes first, torch.compile
 last, so a deadline cuts the least useful part), and writes the results JSON at the end.
+
+Under pytest-benchmark's ``--benchmark-disable`` every benchmark runs once as a plain test (gates
+still judge correctness; timings run their call once) and no results file is written.
 """
 
 import os
@@ -31,12 +34,19 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=prio)  # stable: file and parameter order within one priority
 
 
+def _disabled(config) -> bool:
+    return bool(config.getoption("benchmark_disable", False))
+
+
 def pytest_runtest_teardown(item):
     # Written after every test, so a run stopped at its deadline or killed keeps what it measured.
-    SESSION.write(device(), profile())
+    if not _disabled(item.config):
+        SESSION.write(device(), profile())
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if _disabled(session.config):
+        return
     path = SESSION.write(device(), profile())
     if path is not None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -144,7 +144,7 @@ BENCH_RC=$?
 echo "  pytest exit code $BENCH_RC"
 
 stage "report"
-RESULT=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v -e cuda_check | head -1)
+RESULT=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v -e cuda_check -e e2e_train | head -1)
 if [ -z "$RESULT" ]; then
   echo "  no results JSON in $OUT"
   exit 5

@@ -309,14 +309,18 @@ def fused_linear_grpo(
     return_entropy: bool = False,
     chunk_rows: int | None = None,
     tile: int | None = None,
+    loss_scale: float = 1.0,
 ):
     """Kernel-level entry on validated, canonical inputs (see ``fused_linear_grpo_forward``).
 
     ``chunk_rows`` is the number of valid rows per GEMM chunk (default ``default_chunk_rows``);
     ``tile`` is passed to the backend (Triton BLOCK_V, torch sub-chunk rows), for tests.
+    ``loss_scale`` multiplies the reduction weights (gradient-accumulation normalizers).
     Returns (loss, logp, entropy or None); loss is differentiable w.r.t. hidden, weight and bias.
     """
     rw = reduction_weights(mask, o.loss_type, max_completion_length, num_items_in_batch)
+    if loss_scale != 1.0:
+        rw = rw * loss_scale
     loss, logp, ent = FusedLinearGRPOLoss.apply(
         hidden, weight, bias, ids, mask, adv, rw, old, beh, ref, o, impl, torch.is_grad_enabled(),
         return_entropy, chunk_rows, tile,

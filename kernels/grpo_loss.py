@@ -82,14 +82,19 @@ def fused_grpo_loss(
     return_entropy: bool = False,
     inplace: bool = False,
     tile: int | None = None,
+    loss_scale: float = 1.0,
 ):
     """Kernel-level entry on validated, canonical inputs.
 
     logits [B, T, V] (stride 1 on V); ids int64 [B, T]; mask int32 [B, T]; adv fp32 [B];
     old/beh/ref fp32 [B, T] or None, with masked positions already zeroed. ``tile`` is the
-    backend's block (Triton BLOCK_V, torch chunk rows), for tests. Returns (loss, logp, entropy).
+    backend's block (Triton BLOCK_V, torch chunk rows), for tests. ``loss_scale`` multiplies the
+    reduction weights (gradient-accumulation normalizers), so no extra pass scales the gradient.
+    Returns (loss, logp, entropy).
     """
     rw = reduction_weights(mask, o.loss_type, max_completion_length, num_items_in_batch)
+    if loss_scale != 1.0:
+        rw = rw * loss_scale
     loss, logp, ent = FusedGRPOLoss.apply(
         logits, ids, mask, adv, rw, old, beh, ref, o, impl, return_entropy, inplace, tile
     )

@@ -79,6 +79,62 @@ def behaviour_weight(old: torch.Tensor, behavior: torch.Tensor | None, cap: floa
     return w_raw.clamp(max=cap), w_raw
 
 
+# A weight of 0 (a masked ratio) as a log-weight: exp(-1e4) underflows to exactly 0 in fp32.
+_LOG_ZERO = -1.0e4
+_NO_CAP = float(torch.finfo(torch.float32).max)
+
+
+def importance_weights(
+    mask: torch.Tensor,
+    old: torch.Tensor | None = None,
+    behavior: torch.Tensor | None = None,
+    mode: str = "token_truncate",
+    cap: float | None = 2.0,
+    cap_min: float | None = None,
+    ratio: torch.Tensor | None = None,
+):
+    """The detached per-token importance weight w [B, T] fp32 and the bool [B, T] of tokens whose raw
+    ratio lay outside [cap_min, cap] (truncated or masked), from one of:
+
+    - ``ratio`` [B, T], [B, 1] or [B]: used as given (e.g. TRL's ``importance_sampling_ratio``),
+      broadcast over the tokens of a sequence; nothing is flagged.
+    - ``old`` and ``behavior`` [B, T] with TRL's vLLM correction ``mode``: the log ratio is
+      (old - behavior) * mask per token (``token_*``) or its sum over the sequence (``sequence_*``,
+      one ratio per sequence, broadcast); ``*_truncate`` clamps the ratio to [cap_min, cap],
+      ``*_mask`` sets ratios outside [cap_min, cap] to 0. ``None`` bounds are open.
+
+    O(B*T); the kernels receive the result as behaviour log-probs (``kernel_behavior``).
+    """
+    m = mask.to(torch.float32)
+    if ratio is not None:
+        r = ratio.detach().to(torch.float32)
+        r = r.unsqueeze(-1) if r.dim() == 1 else r
+        w = torch.where(m > 0, r.expand_as(m), torch.ones_like(m))
+        return w.contiguous(), torch.zeros_like(m, dtype=torch.bool)
+    diff = (old.detach() - behavior.detach()) * m
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    w_raw = torch.exp(diff).expand_as(m)
+    outside = torch.zeros_like(m, dtype=torch.bool)
+    if cap is not None:
+        outside = outside | (w_raw > cap)
+    if cap_min is not None:
+        outside = outside | (w_raw < cap_min)
+    if mode.endswith("truncate"):
+        w = w_raw.clamp(min=cap_min, max=cap) if (cap is not None or cap_min is not None) else w_raw
+    else:
+        w = torch.where(outside, torch.zeros_like(w_raw), w_raw)
+    outside = outside & (m > 0)
+    return w.contiguous(), outside.contiguous()
+
+
+def kernel_behavior(old: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Behaviour log-probs that make the kernels' min(exp(old - behavior), cap) equal ``w`` when they
+    run with cap = ``_NO_CAP``: behavior = old - log(w) (w = 0 becomes exp(-1e4) = 0 exactly). The
+    round trip through log / exp costs fp32 rounding only (relative error ~|log w| * 2^-24)."""
+    return (old - torch.log(w).clamp(min=_LOG_ZERO)).contiguous()
+
+
 def token_terms(logp, adv, rw, o: LossOptions, old=None, behavior=None, ref=None):
     """Token-level loss terms, elementwise over any shape.
 
@@ -131,19 +187,32 @@ def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None,
     return loss_tok * m, g * m
 
 
-def loss_metrics(logp, mask, adv, o: LossOptions, old=None, behavior=None, ref=None) -> dict:
-    """The metrics dict of DESIGN.md from per-token scalars ([B, T]); O(B*T), no pass over logits."""
+def loss_metrics(logp, mask, adv, o: LossOptions, old=None, behavior=None, ref=None, weights=None) -> dict:
+    """The metrics dict of DESIGN.md from per-token scalars ([B, T]); O(B*T), no pass over logits.
+
+    ``weights`` = (w, outside) from ``importance_weights`` replaces the weight from ``behavior``.
+    clip_ratio_low / high are means over unmasked tokens at token level and, as TRL logs them, means
+    over the B sequences (one ratio each) at sequence level.
+    """
     m = mask.to(torch.float32)
     n = m.sum().clamp(min=1.0)
     old_ = logp if old is None else old
     lr = logp - old_
-    if o.sequence_level:
-        lr = ((lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(logp)
-    coef = torch.exp(lr)
     a = adv.to(torch.float32).unsqueeze(-1)
+    if o.sequence_level:
+        lr = (lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    coef = torch.exp(lr)
     low = ((coef < 1 - o.epsilon_low) & (a < 0)).float()
     high = ((coef > 1 + o.epsilon_high) & (a > 0)).float()
-    w, w_raw = behaviour_weight(old_, behavior, o.is_cap)
+    if o.sequence_level:
+        clip_low, clip_high = low.mean(), high.mean()
+    else:
+        clip_low, clip_high = (low * m).sum() / n, (high * m).sum() / n
+    if weights is None:
+        w, w_raw = behaviour_weight(old_, behavior, o.is_cap)
+        outside = w_raw > o.is_cap
+    else:
+        w, outside = weights
     if ref is not None:
         kl = torch.exp(ref - logp) - (ref - logp) - 1
         if o.bias_correction_kl:
@@ -153,10 +222,10 @@ def loss_metrics(logp, mask, adv, o: LossOptions, old=None, behavior=None, ref=N
         kl_mean = torch.zeros((), device=logp.device)
     w_sum, w_sq = (w * m).sum(), (w * w * m).sum()
     return {
-        "clip_ratio_low": (low * m).sum() / n,
-        "clip_ratio_high": (high * m).sum() / n,
+        "clip_ratio_low": clip_low,
+        "clip_ratio_high": clip_high,
         "kl": kl_mean,
         "is_weight_mean": w_sum / n,
-        "is_truncated_frac": ((w_raw > o.is_cap).float() * m).sum() / n,
+        "is_truncated_frac": (outside.float() * m).sum() / n,
         "is_ess": torch.where(w_sq > 0, w_sum * w_sum / (n * w_sq.clamp(min=1e-30)), torch.ones_like(w_sq)),
     }

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
 ADV_SCALES = ("group", "batch", "none")
+# TRL's vLLM importance-sampling correction modes (vllm_importance_sampling_mode), applied to the
+# behaviour / sampling log-probs; computed in torch (grpo_math.importance_weights), not in the kernels.
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,9 @@ class LossOptions:
     beta: k3 KL coefficient (needs ref_logps when > 0).
     loss_type: grpo | bnpo | dr_grpo | dapo (TRL's normalizers).
     importance_sampling_level: token | sequence (GSPO: masked mean of the log ratio).
-    is_cap: truncation of the behaviour weight w = min(exp(old - behavior), is_cap).
+    is_cap: truncation of the behaviour weight w = min(exp(old - behavior), is_cap) (the kernels' form;
+        TRL's other vLLM modes are computed in torch by grpo_math.importance_weights and reach the
+        kernels as behavior = old - log(w) with no cap).
     bias_correction_kl: multiply the k3 KL term by the (unclipped) policy ratio, making its
         gradient the unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's use_bias_correction_kl).
     is_weight_kl: let the behaviour weight w multiply the KL term too (default: the policy term

@@ -11,13 +11,17 @@ Per token (masked tokens contribute nothing)::
     ratio     = exp(log_ratio); if delta: ratio = min(ratio, delta)
     clipped   = clamp(exp(log_ratio), 1 - eps_low, 1 + eps_high)
     surrogate = min(ratio * A, clipped * A);  dual clip: for A < 0, max(surrogate, c * A)
-    w         = min(exp(old - behavior), is_cap)   (detached; 1 without behavior)
+    w         = min(exp(old - behavior), is_cap)   (detached; 1 without behavior; the default is_mode)
+                TRL's vLLM modes: d = (old - behavior) per token (token_*) or summed over the
+                sequence (sequence_*), rho = exp(d); *_truncate: clamp(rho, is_cap_min, is_cap),
+                *_mask: rho outside [is_cap_min, is_cap] -> 0; or w = is_ratio as given
     kl        = exp(ref - logp) - (ref - logp) - 1        (x exp(log_ratio) with bias_correction_kl)
     loss_tok  = -(w * surrogate) + beta * kl               (w * beta * kl with is_weight_kl)
 
 Reductions: grpo (per-sequence mean, then batch mean), bnpo (token mean), dr_grpo
 (sum / (B * max_completion_length)), dapo (sum / num_items_in_batch).
-Masked positions report logp = 0 and entropy = 0.
+Masked positions report logp = 0 and entropy = 0. Metrics are means over unmasked tokens, except
+clip_ratio_low / high at sequence level: means over the B sequences (TRL's convention).
 """
 
 from __future__ import annotations
@@ -90,8 +94,13 @@ def grpo_loss_reference(
     options: LossOptions | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    is_mode: str = "token_truncate",
+    is_cap_min: float | None = None,
+    is_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The GRPO loss by autograd. Returns (loss, logps, entropy, metrics); logps/entropy are detached."""
+    """The GRPO loss by autograd. Returns (loss, logps, entropy, metrics); logps/entropy are detached.
+
+    is_mode / is_cap_min / is_ratio: the importance weight w (see the module docstring)."""
     o = LossOptions() if options is None else options
     logp_all, entropy = token_logps_reference(logits, completion_ids, o.temperature)
     dtype = logp_all.dtype
@@ -112,13 +121,26 @@ def grpo_loss_reference(
     if o.dual_clip is not None:
         surrogate = torch.where(adv < 0, torch.max(surrogate, o.dual_clip * adv), surrogate)
 
-    if behavior_logps is None:
+    lo = -float("inf") if is_cap_min is None else is_cap_min
+    if is_ratio is not None:
+        r = is_ratio.to(dtype).reshape(logp.size(0), -1).expand_as(logp)
+        w = torch.where(valid, r, torch.ones_like(r)).detach()
+        outside = torch.zeros_like(valid)
+    elif behavior_logps is None:
         # no behaviour policy: the tokens are on-policy and w is exactly 1, whatever is_cap is
-        w_raw = w = torch.ones_like(logp)
+        w = torch.ones_like(logp)
+        outside = torch.zeros_like(valid)
     else:
         beh = torch.where(valid, behavior_logps.to(dtype), old)
-        w_raw = torch.exp(old - beh).detach()
-        w = torch.clamp(w_raw, max=o.is_cap)
+        d = (old - beh).detach()
+        if is_mode.startswith("sequence"):
+            d = d.sum(-1, keepdim=True).expand_as(logp)
+        rho = torch.exp(d)
+        outside = valid & ((rho > o.is_cap) | (rho < lo))
+        if is_mode.endswith("mask"):
+            w = torch.where((rho > o.is_cap) | (rho < lo), torch.zeros_like(rho), rho)
+        else:
+            w = torch.clamp(rho, min=lo, max=o.is_cap)
 
     loss_tok = -(w * surrogate)
     kl = torch.zeros_like(logp)
@@ -133,17 +155,20 @@ def grpo_loss_reference(
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1.0)
-        coef_tok = coef.expand_as(logp)
-        low = ((coef_tok < 1 - o.epsilon_low) & (adv < 0)).to(dtype)
-        high = ((coef_tok > 1 + o.epsilon_high) & (adv > 0)).to(dtype)
+        low = ((coef < 1 - o.epsilon_low) & (adv < 0)).to(dtype)
+        high = ((coef > 1 + o.epsilon_high) & (adv > 0)).to(dtype)
+        if o.sequence_level:  # one ratio per sequence: the mean over the B sequences, as TRL logs it
+            clip_low, clip_high = low.mean(), high.mean()
+        else:
+            clip_low, clip_high = (low * mask).sum() / n, (high * mask).sum() / n
         w_sum = (w * mask).sum()
         w_sq = (w * w * mask).sum()
         metrics = {
-            "clip_ratio_low": (low * mask).sum() / n,
-            "clip_ratio_high": (high * mask).sum() / n,
+            "clip_ratio_low": clip_low,
+            "clip_ratio_high": clip_high,
             "kl": (kl * mask).sum() / n,
             "is_weight_mean": w_sum / n,
-            "is_truncated_frac": ((w_raw > o.is_cap).to(dtype) * mask).sum() / n,
+            "is_truncated_frac": outside.to(dtype).sum() / n,
             # normalized effective sample size (sum w)^2 / (n * sum w^2) in (0, 1]; 1 with no tokens
             "is_ess": torch.where(w_sq > 0, w_sum * w_sum / (n * w_sq.clamp(min=1e-30)), torch.ones_like(w_sq)),
         }

@@ -11,7 +11,16 @@ import torch
 from rerule.kernels.fused_linear import fused_linear_grpo
 from rerule.kernels.grpo_math import loss_metrics
 from rerule.kernels.options import LossOptions
-from rerule.loss import GRPOLossOutput, _check_finite, _check_ids, _check_tensor, _loss_inputs, _resolve_impl
+from rerule.loss import (
+    GRPOLossOutput,
+    _check_finite,
+    _check_ids,
+    _check_tensor,
+    _importance_inputs,
+    _loss_inputs,
+    _resolve_impl,
+    accumulation_scale,
+)
 
 _LIKE = "hidden"
 _NOT_FINITE = "hidden/weight/bias (a NaN/inf entry, or a logit of -inf on a selected completion token)"
@@ -65,10 +74,16 @@ def fused_linear_grpo_loss(
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
     is_cap: float = 2.0,
+    is_mode: str = "token_truncate",
+    is_cap_min: float | None = None,
+    is_ratio: torch.Tensor | None = None,
     bias_correction_kl: bool = False,
     is_weight_kl: bool = False,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    gradient_accumulation_steps: int = 1,
+    steps_per_generation: int | None = None,
+    num_processes: int = 1,
     scale_rewards: str = "group",
     return_entropy: bool = False,
     impl: str = "auto",
@@ -84,9 +99,10 @@ def fused_linear_grpo_loss(
         chunk_size: valid (mask 1) rows per GEMM chunk; default keeps one chunk's fp32 logits at
             ~64 MB on CPU (~1 GiB on GPU). Padding rows are dropped before any GEMM.
         old_logps, behavior_logps, ref_logps, temperature, epsilon_low, epsilon_high, delta,
-        dual_clip, beta, loss_type, importance_sampling_level, is_cap, bias_correction_kl, is_weight_kl,
-        max_completion_length, num_items_in_batch, scale_rewards, return_entropy: exactly as in
-        ``grpo_loss``.
+        dual_clip, beta, loss_type, importance_sampling_level, is_cap, is_mode, is_cap_min, is_ratio,
+        bias_correction_kl, is_weight_kl, max_completion_length, num_items_in_batch,
+        gradient_accumulation_steps, steps_per_generation, num_processes, scale_rewards,
+        return_entropy: exactly as in ``grpo_loss``.
         impl: "auto" (Triton kernel on CUDA, torch on CPU), "torch", "triton" or "cuda"; the GEMMs
             are torch matmuls (cuBLAS on GPU) whatever the impl.
 
@@ -126,14 +142,18 @@ def fused_linear_grpo_loss(
         B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
         ref_logps, beta, max_completion_length, num_items_in_batch, like=_LIKE,
     )
+    o, beh, weights = _importance_inputs(
+        o, B, T, device, valid, old, beh, is_mode, is_cap_min, is_ratio, like=_LIKE
+    )
+    scale = accumulation_scale(loss_type, gradient_accumulation_steps, steps_per_generation, num_processes)
     mask = valid.to(torch.int32).contiguous()
 
     loss, logp, ent = fused_linear_grpo(
         hidden, weight, bias, ids, mask, adv, old, beh, ref, o, impl, max_completion_length,
-        num_items_in_batch, return_entropy, chunk_size,
+        num_items_in_batch, return_entropy, chunk_size, loss_scale=scale,
     )
     _check_finite(logp, valid, adv, old, beh, ref, source=_NOT_FINITE)
-    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=beh, ref=ref)
+    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=beh, ref=ref, weights=weights)
     if ent is not None:
         metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
     return GRPOLossOutput(loss=loss, logps=logp, entropy=ent, metrics=metrics)

@@ -6,16 +6,17 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from rerule.kernels.grpo_loss import fused_grpo_loss
-from rerule.kernels.grpo_math import loss_metrics
+from rerule.kernels.grpo_math import _NO_CAP, importance_weights, kernel_behavior, loss_metrics
 from rerule.kernels.logprobs import fused_token_logps
-from rerule.kernels.options import ADV_SCALES, LossOptions
+from rerule.kernels.options import ADV_SCALES, IS_MODES, LossOptions
 from rerule.kernels.reference import group_advantages_reference
 
 IMPLS = ("auto", "torch", "triton", "cuda")
@@ -25,7 +26,8 @@ IMPLS = ("auto", "torch", "triton", "cuda")
 class GRPOLossOutput:
     """loss: scalar (differentiable); logps / entropy: [B, T] fp32, detached, 0 where mask is 0;
     metrics: 0-dim detached tensors (clip_ratio_low, clip_ratio_high, kl, is_weight_mean,
-    is_truncated_frac, is_ess), means over unmasked tokens."""
+    is_truncated_frac, is_ess), means over unmasked tokens; at sequence level clip_ratio_low /
+    clip_ratio_high are means over the B sequences (one ratio each), as TRL logs them."""
 
     loss: torch.Tensor
     logps: torch.Tensor
@@ -143,10 +145,16 @@ def grpo_loss(
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
     is_cap: float = 2.0,
+    is_mode: str = "token_truncate",
+    is_cap_min: float | None = None,
+    is_ratio: torch.Tensor | None = None,
     bias_correction_kl: bool = False,
     is_weight_kl: bool = False,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    gradient_accumulation_steps: int = 1,
+    steps_per_generation: int | None = None,
+    num_processes: int = 1,
     scale_rewards: str = "group",
     return_entropy: bool = False,
     inplace: bool = False,
@@ -162,8 +170,21 @@ def grpo_loss(
         advantages: [B]; or pass ``rewards`` [B] and ``group_size`` to compute them here
             (``group_advantages(rewards, group_size, scale_rewards)``).
         old_logps: [B, T] log-probs of the proximal policy; None = detached current (ratio 1).
-        behavior_logps: [B, T] log-probs of the policy that sampled the tokens; gives the
-            detached weight w = min(exp(old - behavior), is_cap) on the policy term.
+        behavior_logps: [B, T] log-probs of the policy that sampled the tokens (a replay buffer's
+            behaviour policy, or vLLM's sampling log-probs); gives the detached weight w on the
+            policy term, by default w = min(exp(old - behavior), is_cap).
+        is_mode: how w is formed from behavior_logps, TRL's ``vllm_importance_sampling_mode``:
+            "token_truncate" (default) w_t = clamp(exp(old_t - beh_t), is_cap_min, is_cap);
+            "token_mask" w_t = exp(old_t - beh_t), or 0 outside [is_cap_min, is_cap];
+            "sequence_truncate" / "sequence_mask": one ratio per sequence,
+            exp(sum_t (old_t - beh_t)) over the unmasked tokens, truncated / masked the same way
+            and applied to every token of the sequence. Any mode but the default, and is_cap_min,
+            need old_logps.
+        is_cap_min: lower bound of the importance ratio (TRL's vllm_importance_sampling_clip_min);
+            None: no lower bound.
+        is_ratio: a ready importance weight instead of behavior_logps: [B, T] per token, or [B] /
+            [B, 1] per sequence (TRL's ``importance_sampling_ratio``), >= 0, used as given (no
+            cap); needs old_logps.
         bias_correction_kl: multiply the KL term by the unclipped policy ratio (TRL's
             use_bias_correction_kl, DeepSeek-V3.2's unbiased reverse-KL gradient).
         is_weight_kl: let w also weigh the KL term (for replayed off-policy tokens, whose k3
@@ -173,6 +194,12 @@ def grpo_loss(
         importance_sampling_level, is_cap: see ``LossOptions``.
         max_completion_length: dr_grpo's normalizer length (default T).
         num_items_in_batch: dapo's normalizer (global token count; default the mask sum).
+        gradient_accumulation_steps, steps_per_generation, num_processes: TRL's gradient-accumulation
+            convention. grpo / bnpo / dr_grpo losses are divided by gradient_accumulation_steps; dapo's
+            normalizer becomes num_items_in_batch / num_processes * gradient_accumulation_steps /
+            steps_per_generation (num_items_in_batch spanning a generation batch of all processes;
+            steps_per_generation defaults to gradient_accumulation_steps). Folded into the reduction
+            weights: no extra pass over the gradient.
         return_entropy: also return per-token entropies.
         inplace: write the gradient into the logits buffer (saves one [B, T, V] buffer; the
             caller's logits are overwritten when a gradient is needed).
@@ -203,6 +230,8 @@ def grpo_loss(
         B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
         ref_logps, beta, max_completion_length, num_items_in_batch,
     )
+    o, beh, weights = _importance_inputs(o, B, T, device, valid, old, beh, is_mode, is_cap_min, is_ratio)
+    scale = accumulation_scale(loss_type, gradient_accumulation_steps, steps_per_generation, num_processes)
     if inplace and logits.stride(-1) != 1:
         raise ValueError("inplace=True needs logits with a contiguous vocab dimension")
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -210,10 +239,10 @@ def grpo_loss(
 
     loss, logp, ent = fused_grpo_loss(
         x, ids, mask, adv, old, beh, ref, o, impl, max_completion_length, num_items_in_batch,
-        return_entropy, inplace,
+        return_entropy, inplace, loss_scale=scale,
     )
     _check_finite(logp, valid, adv, old, beh, ref)
-    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=beh, ref=ref)
+    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=beh, ref=ref, weights=weights)
     if ent is not None:
         metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
     return GRPOLossOutput(loss=loss, logps=logp, entropy=ent, metrics=metrics)
@@ -249,6 +278,60 @@ def _loss_inputs(B, T, device, valid, advantages, rewards, group_size, scale_rew
     beh = _canonical("behavior_logps", behavior_logps, B, T, device, valid, like)
     ref = _canonical("ref_logps", ref_logps, B, T, device, valid, like)
     return adv, old, beh, ref
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def accumulation_scale(loss_type, gradient_accumulation_steps=1, steps_per_generation=None, num_processes=1):
+    """The factor TRL's gradient-accumulation convention puts on the loss: 1 / gradient_accumulation_steps
+    for grpo / bnpo / dr_grpo; steps_per_generation * num_processes / gradient_accumulation_steps for dapo
+    (whose normalizer num_items_in_batch spans a generation batch over all processes)."""
+    _positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    _positive_int("num_processes", num_processes)
+    if steps_per_generation is None:
+        steps_per_generation = gradient_accumulation_steps
+    _positive_int("steps_per_generation", steps_per_generation)
+    if loss_type == "dapo":
+        return steps_per_generation * num_processes / gradient_accumulation_steps
+    return 1.0 / gradient_accumulation_steps
+
+
+def _importance_inputs(o, B, T, device, valid, old, beh, is_mode, is_cap_min, is_ratio, like="logits"):
+    """(options, kernel behaviour log-probs, (w, outside) or None).
+
+    The default (token_truncate, no lower bound, no ratio) stays in the kernels as w = min(exp(old - beh),
+    is_cap). Every other mode's weight is computed here once, O(B*T), and handed to the kernels as
+    behaviour log-probs old - log(w) with no cap."""
+    if is_mode not in IS_MODES:
+        raise ValueError(f"is_mode must be one of {IS_MODES}, got {is_mode!r}")
+    if is_cap_min is not None:
+        if isinstance(is_cap_min, bool) or not isinstance(is_cap_min, numbers.Real):
+            raise TypeError(f"is_cap_min must be a number or None, got {type(is_cap_min).__name__}")
+        if not (math.isfinite(is_cap_min) and 0 <= is_cap_min <= o.is_cap):
+            raise ValueError(f"is_cap_min must lie in [0, is_cap={o.is_cap}], got {is_cap_min}")
+    if is_ratio is not None:
+        if beh is not None:
+            raise ValueError("pass at most one of behavior_logps and is_ratio")
+        _check_tensor("is_ratio", is_ratio, floating=True, device=device, like=like)
+        if tuple(is_ratio.shape) not in ((B, T), (B, 1), (B,)):
+            raise ValueError(f"is_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(is_ratio.shape)}")
+        r = is_ratio.detach().to(torch.float32).reshape(B, -1).expand(B, T)
+        if not bool(torch.where(valid, torch.isfinite(r) & (r >= 0), True).all()):
+            raise ValueError("is_ratio must be finite and >= 0 where completion_mask is 1")
+    elif beh is None or (is_mode == "token_truncate" and is_cap_min is None):
+        return o, beh, None
+    if old is None:
+        raise ValueError(
+            f"is_ratio / is_mode={is_mode!r} / is_cap_min need old_logps (the weight is computed before the "
+            "kernel; only the default token_truncate weight can use the current log-probs as old)"
+        )
+    w, outside = importance_weights(valid, old, beh, is_mode, o.is_cap, is_cap_min, ratio=is_ratio)
+    return replace(o, is_cap=_NO_CAP), kernel_behavior(old, w), (w, outside)
 
 
 _LOGITS_NOT_FINITE = "logits (a NaN/+inf entry, or -inf on a selected completion token)"

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,7 +219,9 @@ def _eager_loss(tau):
 
 
 class FakeBenchmark:
-    """What harness uses of pytest-benchmark's fixture: pedantic(), stats, extra_info."""
+    """What harness uses of pytest-benchmark's fixture: pedantic(), stats, extra_info, disabled."""
+
+    disabled = False
 
     def __init__(self):
         self.extra_info, self.stats = {}, None
@@ -361,3 +364,51 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     table = (out / "benchmarks.md").read_text()
     assert "#### GRPO loss over logits" in table and "TRL selective_log_softmax + TRL loss" in table
     assert (out / "env.txt").is_file() and result[0].with_suffix(".png").is_file()
+
+
+def test_benchmark_disable_runs_every_benchmark_once_and_writes_nothing(tmp_path):
+    """pytest-benchmark's convention: ``pytest bench --benchmark-disable`` runs each benchmark once as a
+    plain test (no crash on benchmark.stats being None) and leaves no results file behind. The smoke
+    shapes, on two of the four ops (the harness is shared by all)."""
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "RERULE_BENCH_"))}
+    env.update(RERULE_BENCH_PROFILE="smoke", RERULE_BENCH_OUT=str(out))
+    files = ["bench/test_bench_loss.py", "bench/test_bench_advantages.py"]
+    res = subprocess.run([sys.executable, "-m", "pytest", *files, "-v", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "--benchmark-disable", "-rs"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    passed = [line for line in log.splitlines() if line.rstrip().endswith("PASSED") or " PASSED " in line]
+    gates = [p for p in passed if "::test_gate[" in p]
+    times = [p for p in passed if "::test_time[" in p]
+    assert len(gates) >= 2 and len(times) >= 4, log[-3000:]
+    assert f"{len(gates) + len(times)} passed" in log and "skipped" not in log and "failed" not in log, log[-3000:]
+    assert {p.split("::")[0].split("/")[-1] for p in times} == {"test_bench_loss.py", "test_bench_advantages.py"}
+    assert not out.exists()  # no results JSON
+
+
+def test_gpu_e2e_sh_cpu_smoke(tmp_path):
+    """bench/gpu_e2e.sh --cpu: `rerule train` on the tiny model, RULE and ReRULE, 2 steps each, and the kernel
+    bf16 checks at a small shape; two result files (plus the shared log) for the device tool."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "RERULE_"))}
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_e2e.sh"), str(out), "--cpu"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["e2e_train.json", "e2e_train.md", "gpu_sh.log"]
+    data = json.loads((out / "e2e_train.json").read_text())
+    assert data["device"] == "cpu" and set(data["models"]) == {"tiny"} and not data["not_run"]
+    tiny = data["models"]["tiny"]
+    for arm in ("rule", "rerule"):
+        s = tiny[arm]
+        assert s["steps"] == 2 and s["generated_tokens"] > 0 and s["train_tokens"] > 0
+        assert 0 < s["rollout_s"] < s["step_s"] and 0 < s["update_s"] < s["step_s"]
+        assert s["rollout_tok_per_s"] > 0 and s["update_tok_per_s"] > 0
+    assert math.isfinite(tiny["overhead"]["step"]) and math.isfinite(tiny["overhead"]["update"])
+    checks = data["kernel_checks"]
+    assert len(checks) == 2 and all(c["ok"] for c in checks), checks
+    assert all(set(c["logits"]) == {"loss", "logps", "grad_logits"} for c in checks)
+    table = (out / "e2e_train.md").read_text()
+    assert "| tiny | rule |" in table and "| tiny | rerule |" in table and "FAILED" not in table

@@ -16,9 +16,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import GRPOTrainer
 
-from rerule import group_advantages, grpo_loss
+from rerule import fused_linear_grpo_loss, group_advantages, grpo_loss
 from rerule.buffer import ReplayGroup
 from rerule.integrations.trl import FusedGRPOTrainer, ReplayGRPOConfig, ReplayGRPOTrainer
+from rerule.kernels.grpo_math import importance_weights
 
 WORDS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(61)]  # V = 65: not a power of two
 
@@ -159,6 +160,9 @@ def assert_parity(tr, inputs):
     return native
 
 
+_MISSING = object()
+
+
 @pytest.fixture
 def setattrs(trainer):
     saved = {}
@@ -166,12 +170,15 @@ def setattrs(trainer):
     def set_(**kw):
         for k, v in kw.items():
             obj, attr = (trainer.args, k[5:]) if k.startswith("args_") else (trainer, k)
-            saved.setdefault((id(obj), attr), (obj, attr, getattr(obj, attr)))
+            saved.setdefault((id(obj), attr), (obj, attr, getattr(obj, attr, _MISSING)))
             setattr(obj, attr, v)
 
     yield set_
     for obj, attr, value in saved.values():
-        setattr(obj, attr, value)
+        if value is _MISSING:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, value)
 
 
 def native_loss(tr, model, inputs):
@@ -230,6 +237,101 @@ def test_parity_vllm_importance_sampling(trainer, setattrs, mode):
         ratio[ratio > 1.3] = 0.0  # TRL's mask modes zero the out-of-range ratios
     inputs["importance_sampling_ratio"] = ratio
     assert_parity(trainer, inputs)
+
+
+class FakeVLLM:
+    """Stands in for TRL's VLLMGeneration: fixed completions of 2-6 tokens and sampling log-probs near the
+    tiny model's own (~ -log 65), so that TRL's _generate_and_score_completions computes the vLLM
+    importance-sampling ratio itself, in every mode, from its own code."""
+
+    def __init__(self, seed):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def sync_weights(self):
+        pass
+
+    def generate(self, prompts, images, num_generations, profiler):
+        comps, logprobs = [], []
+        for i, _ in enumerate(prompts):
+            ids = torch.randint(4, len(WORDS), (2 + i % 5,), generator=self.g).tolist()
+            lps = -4.17 + 0.35 * torch.randn(len(ids), generator=self.g)
+            comps.append(ids)
+            logprobs.append([[float(x)] for x in lps])
+        return prompts, comps, logprobs, None
+
+
+VLLM_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("mode", VLLM_MODES)
+def test_parity_vllm_modes_from_trl_generation(trainer, setattrs, mode, loss_type):
+    """TRL computes importance_sampling_ratio from (fake) vLLM log-probs in each mode with both bounds;
+    FusedGRPOTrainer's loss, gradients and metrics match TRL's native _compute_loss on that batch, and
+    rerule's own is_mode (behavior_logps = the sampling log-probs) gives TRL's ratio and loss."""
+    lo, hi = 0.8, 1.25
+    setattrs(loss_type=loss_type, beta=0.0, use_vllm=True, vllm_generation=FakeVLLM(21),
+             _last_loaded_step=-1, vllm_importance_sampling_correction=True,
+             vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=lo,
+             vllm_importance_sampling_clip_max=hi)
+    ds = dataset()
+    inputs = trainer._generate_and_score_completions([ds[i // 4] for i in range(8)])
+    # a KL term too (the module's trainer has no reference model to generate with)
+    g = torch.Generator().manual_seed(22)
+    inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] + 0.3 * torch.randn(
+        inputs["old_per_token_logps"].shape, generator=g)
+    setattrs(beta=0.05)
+    ratio = inputs["importance_sampling_ratio"]
+    assert ratio.shape == ((8, 1) if mode.startswith("sequence") else inputs["completion_ids"].shape)
+    valid = inputs["completion_mask"].bool() if mode.startswith("token") else torch.ones_like(ratio, dtype=bool)
+    r = ratio[valid]
+    # every branch of the mode is exercised: above, below and inside the bounds
+    if mode.endswith("truncate"):
+        assert (r == hi).any() and (r == lo).any() and ((r > lo) & (r < hi)).any()
+    else:
+        assert (r == 0).any() and (r > 0).any()
+    native = assert_parity(trainer, inputs)
+
+    # rerule's own modes from the sampling log-probs, through the public fused-linear loss
+    kw, divisor = trainer._rerule_loss_spec(inputs, inputs["completion_mask"], "train")
+    assert divisor == 1 and kw.pop("is_ratio") is ratio
+    kw.update(behavior_logps=inputs["sampling_per_token_logps"], is_mode=mode, is_cap=hi, is_cap_min=lo)
+    ours = run(trainer, lambda m, i: trainer._rerule_forward(
+        m, i, lambda h, w, b: fused_linear_grpo_loss(
+            h, w, i["completion_ids"], i["completion_mask"], i["advantages"], bias=b, **kw)).loss, inputs)
+    torch.testing.assert_close(ours[0], native[0], rtol=2e-5, atol=1e-7)
+    for name, g in native[1].items():
+        torch.testing.assert_close(ours[1][name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9)
+    w, _ = importance_weights(inputs["completion_mask"], inputs["old_per_token_logps"],
+                              inputs["sampling_per_token_logps"], mode, hi, lo)
+    m = inputs["completion_mask"].bool()
+    torch.testing.assert_close(w[m], ratio.expand_as(w)[m], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_loss_api_clip_metrics_are_trls(trainer, setattrs, level):
+    """grpo_loss's clip_ratio_low / high equal TRL's logged clip_ratio/low_mean / high_mean: means over
+    tokens at token level, over sequences at sequence level (where the two differ on these inputs)."""
+    setattrs(loss_type="grpo", beta=0.0, importance_sampling_level=level)
+    inputs = make_inputs(trainer, seed=14, off_policy=0.5)
+    native = run(trainer, lambda m, i: native_loss(trainer, m, i), inputs)[2]
+    C = inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logits = trainer.model(input_ids=ids, attention_mask=attn).logits[:, -C - 1 : -1]
+    out = grpo_loss(logits, inputs["completion_ids"], inputs["completion_mask"], inputs["advantages"],
+                    old_logps=inputs["old_per_token_logps"], importance_sampling_level=level, impl="torch")
+    low, high = out.metrics["clip_ratio_low"].item(), out.metrics["clip_ratio_high"].item()
+    assert low + high > 0
+    assert low == pytest.approx(native["clip_ratio/low_mean"], abs=1e-6)
+    assert high == pytest.approx(native["clip_ratio/high_mean"], abs=1e-6)
+    if level == "sequence":  # the token-weighted mean would differ here
+        m = inputs["completion_mask"].float()
+        lr = ((out.logps - inputs["old_per_token_logps"]) * m).sum(-1) / m.sum(-1)
+        a = inputs["advantages"]
+        tok = ((((lr.exp() < 0.8) & (a < 0)) | ((lr.exp() > 1.2) & (a > 0))).float()[:, None] * m).sum() / m.sum()
+        assert abs(tok.item() - (low + high)) > 1e-3
 
 
 def test_parity_tool_mask_delta_eps_high_and_no_old(trainer, setattrs):

@@ -12,15 +12,15 @@ plain or bias-corrected KL):
 
 - loss mask = completion_mask * tool_mask (when present); advantages [B]; old / ref per-token
   log-probs as given (old absent: ratio 1 with the gradient of the current log-probs, as TRL).
-- TRL's vLLM correction ``importance_sampling_ratio`` (token [B, T] or sequence [B, 1], truncated or
-  masked, multiplying the policy term only) becomes our behaviour weight:
-  ``behavior_logps = old - log(ratio)`` with no extra cap, so w = ratio exactly (a masked ratio of 0
-  becomes w = exp(-1e4) = 0). A sequence-level ratio is broadcast over its tokens, which is what
-  TRL's [B, 1] x [B, T] product does, so both modes match.
-- normalizers: grpo as is; bnpo, dr_grpo and dapo are computed as a token sum divided by TRL's own
-  normalizer (mask sum; B * max_completion_length; num_items_in_batch / num_processes *
-  grad_accum / steps_per_generation), and grpo / bnpo / dr_grpo by the gradient-accumulation steps,
-  exactly where TRL divides.
+- TRL's vLLM correction ``importance_sampling_ratio`` (all four ``vllm_importance_sampling_mode`` values:
+  token [B, T] or sequence [B, 1] = exp of the summed old - sampling log-prob differences, truncated or
+  masked to [clip_min, clip_max]; it multiplies the policy term only) is passed as the kernel's
+  ``is_ratio``, used as given. The same modes are available without TRL as ``grpo_loss(...,
+  behavior_logps=sampling_logps, is_mode=..., is_cap=clip_max, is_cap_min=clip_min)``.
+- normalizers: TRL's grpo / bnpo as the kernel's own; dr_grpo as a token sum over B * max_completion_length;
+  dapo over num_items_in_batch / num_processes * grad_accum / steps_per_generation; grpo / bnpo / dr_grpo
+  divided by the gradient-accumulation steps: all folded into the kernel's reduction weights
+  (``gradient_accumulation_steps`` / ``steps_per_generation`` / ``num_processes`` of the loss API).
 - ``use_bias_correction_kl`` (TRL's default True) becomes ``bias_correction_kl``: the k3 KL times the
   unclipped, differentiable ratio exp(log_ratio) (token: exp(logp - old); sequence: exp of the masked
   mean, broadcast over the tokens), as TRL. The vLLM ratio stays on the policy term only, as in TRL.
@@ -59,9 +59,6 @@ from rerule import fused_linear_grpo_loss
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "num_images")
-# A vLLM ratio of 0 (TRL's mask modes) must give w = 0; exp(-1e4) underflows to exactly 0 in fp32.
-_LOG_ZERO = -1.0e4
-_NO_CAP = float(torch.finfo(torch.float32).max)
 
 
 def install_head_hook(model) -> None:
@@ -157,7 +154,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             raise ValueError("FusedGRPOTrainer does not support: " + "; ".join(unsupported))
 
     def _rerule_loss_spec(self, inputs, mask, mode, behavior_logps=None, is_cap=None, num_items=None):
-        """(kwargs for fused_linear_grpo_loss, divisor) so that loss / divisor is TRL's loss for ``inputs``.
+        """(kwargs for fused_linear_grpo_loss, divisor) so that loss / divisor is TRL's loss for ``inputs``;
+        the divisor is 1 (TRL's normalizers go to the kernel's reduction weights), kept for callers.
 
         behavior_logps / is_cap replace TRL's vLLM ratio (the replay trainer's w = min(pi_old / mu, cap));
         num_items replaces ``inputs["num_items_in_batch"]`` as dapo's token count.
@@ -187,24 +185,22 @@ class FusedGRPOTrainer(GRPOTrainer):
                 raise ValueError(
                     "importance_sampling_ratio needs old_per_token_logps (TRL always computes them with vLLM)"
                 )
-            log_ratio = torch.log(inputs["importance_sampling_ratio"].float()).clamp(min=_LOG_ZERO)
-            kw["behavior_logps"] = (old.float() - log_ratio).expand_as(old)
-            kw["is_cap"] = _NO_CAP
-        if self.loss_type == "grpo":
-            return dict(kw, loss_type="grpo"), gas
-        # The sum-normalized types: a plain token sum from the kernel, divided by TRL's own normalizer.
-        kw.update(loss_type="dapo", num_items_in_batch=1.0)
-        if self.loss_type == "bnpo":
-            return kw, mask.sum().clamp(min=1.0) * gas
-        if self.loss_type == "dr_grpo":
-            return kw, float(B * self.max_completion_length * gas)
-        items = inputs["num_items_in_batch"] if num_items is None else num_items
-        normalizer = items.clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            normalizer = (
-                normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            )
-        return kw, normalizer
+            # TRL's ratio as computed at generation ([B, T] token modes, [B, 1] sequence modes), used as given
+            kw["is_ratio"] = inputs["importance_sampling_ratio"]
+        # TRL's normalizers and gradient-accumulation convention, folded into the kernel's reduction weights
+        if self.loss_type == "dapo":
+            items = inputs["num_items_in_batch"] if num_items is None else num_items
+            kw.update(loss_type="dapo", num_items_in_batch=items, num_processes=self.accelerator.num_processes)
+            if mode == "train":
+                kw.update(gradient_accumulation_steps=gas, steps_per_generation=self.args.steps_per_generation)
+        elif self.loss_type == "dr_grpo":
+            # sum / (B * max_completion_length): a token sum over a fixed count (C may exceed the maximum
+            # when TRL pads to a multiple), divided by the accumulation steps
+            kw.update(loss_type="dapo", num_items_in_batch=float(B * self.max_completion_length),
+                      gradient_accumulation_steps=gas, steps_per_generation=1)
+        else:  # grpo, bnpo: the kernel's own normalizers equal TRL's
+            kw.update(loss_type=self.loss_type, gradient_accumulation_steps=gas)
+        return kw, 1
 
     def _rerule_forward(self, model, inputs, head):
         """Run the backbone on prompt + completion and call ``head(h, weight, bias)`` on the hidden
