@@ -293,12 +293,13 @@ def _check_finite(logp, valid, adv, old, beh, ref, source=_LOGITS_NOT_FINITE):
             names.append(name)
             checks.append(torch.isfinite(torch.where(valid, t, 0.0)).all())
     if ref is not None:
-        names.append("ref_logps (a log-prob > 0)")
         checks.append((torch.where(valid, ref, 0.0) <= 0).all())
     ok = torch.stack(checks).cpu()
     if not bool(ok.all()):
         bad = [n for n, good in zip(names, ok.tolist()) if not good]
-        raise ValueError(f"non-finite values where completion_mask is 1 in: {', '.join(bad)}")
+        if bad:
+            raise ValueError(f"non-finite values where completion_mask is 1 in: {', '.join(bad)}")
+        raise ValueError("ref_logps must be log-probabilities (<= 0) where completion_mask is 1, found a value > 0")
 
 
 def _check_logits_before_overwrite(x, ids, valid):
