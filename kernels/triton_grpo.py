@@ -33,6 +33,16 @@ from .options import LossOptions
 
 
 @triton.jit
+def _scale(x, tau, TAU_ONE: tl.constexpr):
+    """x / tau, a true division as eager torch does it (x * fp32(1 / tau) would round twice); nothing
+    at all for the usual tau = 1 (a specialization: division costs registers and instructions)."""
+    if TAU_ONE:
+        return x
+    else:
+        return x / tau
+
+
+@triton.jit
 def _lse_block(b_x, is_lab, m, q, t, s_all, RETURN_ENT: tl.constexpr):
     """Fold one block of x = logits / tau into the online state (m, q, t) of a row.
 
@@ -57,7 +67,8 @@ def _lse_block(b_x, is_lab, m, q, t, s_all, RETURN_ENT: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(X, off, head, label, V, tau, RETURN_ENT: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
+def _row_stats(X, off, head, label, V, tau, RETURN_ENT: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+               TAU_ONE: tl.constexpr):
     """One sweep over a row: the max m, q = sum over j != label of exp(x_j - m), and the entropy.
 
     x = logits / tau (a true division, as eager torch does it). The row is read in three parts:
@@ -71,19 +82,21 @@ def _row_stats(X, off, head, label, V, tau, RETURN_ENT: tl.constexpr, BLOCK_V: t
     t = tl.zeros([], tl.float32)
     s_all = tl.zeros([], tl.float32)
     o_h = tl.arange(0, ALIGN)
-    b_x = tl.load(X + off + o_h, mask=o_h < head, other=float("-inf")).to(tl.float32) / tau
-    m, q, t, s_all = _lse_block(b_x, o_h == label, m, q, t, s_all, RETURN_ENT)
+    label_h = label.to(tl.int32)
+    b_h = _scale(tl.load(X + off + o_h, mask=o_h < head, other=float("-inf")).to(tl.float32), tau, TAU_ONE)
+    m, q, t, s_all = _lse_block(b_h, o_h == label_h, m, q, t, s_all, RETURN_ENT)
     n_body = (V - head) // BLOCK_V * BLOCK_V
     p_b = X + tl.multiple_of(off + head, ALIGN)
+    lab = (label - head).to(tl.int32)  # the label's offset from the body start: int32 compares
     for v0 in range(0, n_body, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
-        b_x = tl.load(p_b + o_v).to(tl.float32) / tau
-        m, q, t, s_all = _lse_block(b_x, o_v + head == label, m, q, t, s_all, RETURN_ENT)
-    o_v = n_body + tl.arange(0, BLOCK_V)
-    b_x = tl.load(p_b + o_v, mask=o_v < V - head, other=float("-inf")).to(tl.float32) / tau
-    m, q, t, s_all = _lse_block(b_x, o_v + head == label, m, q, t, s_all, RETURN_ENT)
+        b_x = _scale(tl.load(p_b + o_v).to(tl.float32), tau, TAU_ONE)
+        m, q, t, s_all = _lse_block(b_x, o_v == lab, m, q, t, s_all, RETURN_ENT)
+    o_t = n_body + tl.arange(0, BLOCK_V)
+    b_t = _scale(tl.load(p_b + o_t, mask=o_t < V - head, other=float("-inf")).to(tl.float32), tau, TAU_ONE)
+    m, q, t, s_all = _lse_block(b_t, o_t == lab, m, q, t, s_all, RETURN_ENT)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    y_label = tl.load(X + off + label).to(tl.float32) / tau - m_safe
+    y_label = _scale(tl.load(X + off + label).to(tl.float32), tau, TAU_ONE) - m_safe
     s = q + tl.exp(y_label)
     ent = tl.log(s) - (t / s)
     return m_safe, s, q, y_label, ent
@@ -109,31 +122,33 @@ def _grad_block(b_x, is_lab, m, c, cq):
 
 @triton.jit
 def _row_grad(X, off, DX, off_dx, head, label, m, s, q, g, V, tau, DX_ALIGNED: tl.constexpr,
-              BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
+              BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, TAU_ONE: tl.constexpr):
     """dx = g / tau * (onehot(label) - softmax(x)) over one row, stored in DX's dtype.
 
     Same three-part walk as ``_row_stats``; off_dx + head is a multiple of ALIGN too when DX_ALIGNED
     (the host checks that the two buffers have the same alignment, row by row)."""
-    coef = g / tau
+    coef = _scale(g, tau, TAU_ONE)
     c = coef / s
     cq = c * q
     o_h = tl.arange(0, ALIGN)
-    b_x = tl.load(X + off + o_h, mask=o_h < head, other=float("-inf")).to(tl.float32) / tau
-    tl.store(DX + off_dx + o_h, _grad_block(b_x, o_h == label, m, c, cq).to(DX.dtype.element_ty), mask=o_h < head)
+    label_h = label.to(tl.int32)
+    b_h = _scale(tl.load(X + off + o_h, mask=o_h < head, other=float("-inf")).to(tl.float32), tau, TAU_ONE)
+    tl.store(DX + off_dx + o_h, _grad_block(b_h, o_h == label_h, m, c, cq).to(DX.dtype.element_ty), mask=o_h < head)
     n_body = (V - head) // BLOCK_V * BLOCK_V
     p_b = X + tl.multiple_of(off + head, ALIGN)
+    lab = (label - head).to(tl.int32)
     if DX_ALIGNED:
         p_db = DX + tl.multiple_of(off_dx + head, ALIGN)
     else:
         p_db = DX + off_dx + head
     for v0 in range(0, n_body, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
-        b_x = tl.load(p_b + o_v).to(tl.float32) / tau
-        tl.store(p_db + o_v, _grad_block(b_x, o_v + head == label, m, c, cq).to(DX.dtype.element_ty))
-    o_v = n_body + tl.arange(0, BLOCK_V)
-    m_v = o_v < V - head
-    b_x = tl.load(p_b + o_v, mask=m_v, other=float("-inf")).to(tl.float32) / tau
-    tl.store(p_db + o_v, _grad_block(b_x, o_v + head == label, m, c, cq).to(DX.dtype.element_ty), mask=m_v)
+        b_x = _scale(tl.load(p_b + o_v).to(tl.float32), tau, TAU_ONE)
+        tl.store(p_db + o_v, _grad_block(b_x, o_v == lab, m, c, cq).to(DX.dtype.element_ty))
+    o_t = n_body + tl.arange(0, BLOCK_V)
+    m_t = o_t < V - head
+    b_t = _scale(tl.load(p_b + o_t, mask=m_t, other=float("-inf")).to(tl.float32), tau, TAU_ONE)
+    tl.store(p_db + o_t, _grad_block(b_t, o_t == lab, m, c, cq).to(DX.dtype.element_ty), mask=m_t)
 
 
 @triton.jit
@@ -154,7 +169,7 @@ def _grpo_fwd_kernel(
     HAS_OLD: tl.constexpr, HAS_BEH: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, KL_IS: tl.constexpr, W_KL: tl.constexpr,
     FUSED_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, RETURN_ENT: tl.constexpr,
-    DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, TAU_ONE: tl.constexpr,
 ):
     # Persistent grid: program p takes rows p, p + P, p + 2P, ... (P = the grid size, chosen on the
     # host so that the rows in flight fit in L2 and the gradient sweep re-reads its row from there).
@@ -163,7 +178,7 @@ def _grpo_fwd_kernel(
             i_n, X, stride_xb, stride_xt, IDS, MASK, ADV, RW, OLD, BEH, REF, LOGP, STATS, ENT, LOSS,
             DX, stride_dxb, stride_dxt, T, V, tau, lo, hi, delta, dual_c, beta, is_cap,
             HAS_OLD, HAS_BEH, HAS_REF, HAS_DELTA, HAS_DUAL, KL_IS, W_KL, FUSED_LOSS, COMPUTE_GRAD, RETURN_ENT,
-            DX_ALIGNED, BLOCK_V, ALIGN,
+            DX_ALIGNED, BLOCK_V, ALIGN, TAU_ONE,
         )
 
 
@@ -174,7 +189,7 @@ def _fwd_row(
     HAS_OLD: tl.constexpr, HAS_BEH: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, KL_IS: tl.constexpr, W_KL: tl.constexpr,
     FUSED_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, RETURN_ENT: tl.constexpr,
-    DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, TAU_ONE: tl.constexpr,
 ):
     i_b = i_n // T
     i_t = i_n % T
@@ -182,8 +197,8 @@ def _fwd_row(
     off_dx = i_b * stride_dxb + i_t * stride_dxt
     if tl.load(MASK + i_n) != 0:
         label = tl.load(IDS + i_n).to(tl.int64)
-        head = tl.minimum((ALIGN - off % ALIGN) % ALIGN, V)
-        m, s, q, y_label, ent = _row_stats(X, off, head, label, V, tau, RETURN_ENT, BLOCK_V, ALIGN)
+        head = tl.minimum((ALIGN - off % ALIGN) % ALIGN, V).to(tl.int32)
+        m, s, q, y_label, ent = _row_stats(X, off, head, label, V, tau, RETURN_ENT, BLOCK_V, ALIGN, TAU_ONE)
         logp = _label_logp(y_label, s, q)
         tl.store(LOGP + i_n, logp)
         tl.store(STATS + 3 * i_n, m)
@@ -234,7 +249,7 @@ def _fwd_row(
             tl.store(LOSS + i_n, loss)
             if COMPUTE_GRAD:
                 _row_grad(X, off, DX, off_dx, head, label, m, s, q, tl.load(RW + i_n) * dl, V, tau, DX_ALIGNED,
-                          BLOCK_V, ALIGN)
+                          BLOCK_V, ALIGN, TAU_ONE)
     else:
         tl.store(LOGP + i_n, 0.0)
         tl.store(STATS + 3 * i_n, 0.0)
@@ -254,7 +269,7 @@ def _grpo_grad_kernel(
     IDS, MASK, STATS, G,
     DX, stride_dxb, stride_dxt,
     N, T, V, tau,
-    DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, TAU_ONE: tl.constexpr,
 ):
     for i_n in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         i_b = i_n // T
@@ -263,21 +278,27 @@ def _grpo_grad_kernel(
         off_dx = i_b * stride_dxb + i_t * stride_dxt
         if tl.load(MASK + i_n) != 0:
             label = tl.load(IDS + i_n).to(tl.int64)
-            head = tl.minimum((ALIGN - off % ALIGN) % ALIGN, V)
+            head = tl.minimum((ALIGN - off % ALIGN) % ALIGN, V).to(tl.int32)
             _row_grad(X, off, DX, off_dx, head, label, tl.load(STATS + 3 * i_n), tl.load(STATS + 3 * i_n + 1),
-                      tl.load(STATS + 3 * i_n + 2), tl.load(G + i_n), V, tau, DX_ALIGNED, BLOCK_V, ALIGN)
+                      tl.load(STATS + 3 * i_n + 2), tl.load(G + i_n), V, tau, DX_ALIGNED, BLOCK_V, ALIGN, TAU_ONE)
         else:
             _row_zero(DX + off_dx, V, BLOCK_V)
 
 
-BLOCK_V_RANGE = (16, 16384)
+BLOCK_V_RANGE = (16, 16384)  # the interpreter's default tile goes up to 16384
 
 
-def _block_v(V: int, block_v: int | None) -> int:
+def max_block_v(element_size: int) -> int:
+    """Largest tile that compiles without register spills on sm_80 / sm_90 (checked by
+    tests/test_compile_targets.py): 8192 for 16-bit logits, 4096 for fp32 (8192 spills on sm_90)."""
+    return 8192 if element_size <= 2 else 4096
+
+
+def _block_v(V: int, block_v: int | None, element_size: int = 4) -> int:
     """The vocab tile: ``block_v`` (tests), else $RERULE_BLOCK_V, else automatic.
 
-    A tile must be a power of two (Triton's arange) in [16, 16384]: 32768 and above spill
-    registers on sm_90 (tests/test_compile_targets.py compiles the range for sm_80 and sm_90).
+    A tile must be a power of two (Triton's arange) in [16, ``max_block_v``]: larger tiles spill
+    registers (32768 does on sm_90 for any dtype).
     """
     source = "block_v"
     if block_v is None:
@@ -291,9 +312,12 @@ def _block_v(V: int, block_v: int | None) -> int:
             block_v = int(env)
         except ValueError:
             raise ValueError(f"RERULE_BLOCK_V must be an integer, got {env!r}") from None
-    lo, hi = BLOCK_V_RANGE
+    lo, hi = BLOCK_V_RANGE[0], max_block_v(element_size)
     if not (lo <= block_v <= hi) or block_v & (block_v - 1):
-        raise ValueError(f"{source} must be a power of two in [{lo}, {hi}], got {block_v}")
+        raise ValueError(
+            f"{source} must be a power of two in [{lo}, {hi}] for {8 * element_size}-bit logits (larger tiles "
+            f"spill registers), got {block_v}"
+        )
     return block_v
 
 
@@ -343,7 +367,19 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _grad_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
-    return logits if inplace else _empty(logits.shape, logits.dtype, logits.device)
+    """The gradient buffer: the logits themselves (inplace), a contiguous one, or, when the logits are a
+    view whose row offsets differ from a contiguous layout modulo 16 bytes (TRL's logits[:, :-1] with an
+    odd V), a buffer with the logits' own strides, so the gradient rows start at the same alignment as
+    the logit rows and the kernels' body stores stay 128-bit vector stores."""
+    if inplace:
+        return logits
+    a = _align(logits)
+    B, T, V = logits.shape
+    sb, st, _ = logits.stride()
+    if (sb - T * V) % a == 0 and (st - V) % a == 0:
+        return _empty(logits.shape, logits.dtype, logits.device)
+    size = 1 + (B - 1) * sb + (T - 1) * st + (V - 1)
+    return _empty((size,), logits.dtype, logits.device).as_strided(logits.shape, logits.stride())
 
 
 def check_interpreter(t: torch.Tensor) -> None:
@@ -371,7 +407,7 @@ def grpo_fwd(
     ent = _empty((N,), *f32) if return_entropy else logp
     loss_tok = _empty((N,), *f32) if fused_loss else logp
     dx = _grad_buffer(logits, inplace) if (fused_loss and compute_grad) else logits
-    BLOCK_V = _block_v(V, block_v)
+    BLOCK_V = _block_v(V, block_v, logits.element_size())
     has_ref = ref is not None and o.beta != 0.0
     dummy = logp
     align = _align(logits)
@@ -389,7 +425,8 @@ def grpo_fwd(
             HAS_DELTA=o.delta is not None, HAS_DUAL=o.dual_clip is not None, KL_IS=o.bias_correction_kl,
             W_KL=o.is_weight_kl and beh is not None,
             FUSED_LOSS=fused_loss, COMPUTE_GRAD=compute_grad, RETURN_ENT=return_entropy,
-            DX_ALIGNED=_dx_aligned(logits, dx, align), BLOCK_V=BLOCK_V, ALIGN=align, num_warps=_num_warps(BLOCK_V),
+            DX_ALIGNED=_dx_aligned(logits, dx, align), BLOCK_V=BLOCK_V, ALIGN=align, TAU_ONE=o.temperature == 1.0,
+            num_warps=_num_warps(BLOCK_V),
         )
     shape = (B, T)
     return (
@@ -409,7 +446,7 @@ def grpo_grad(logits, ids, mask, stats, g, temperature: float, inplace: bool, bl
     check_interpreter(logits)
     B, T, V = logits.shape
     dx = _grad_buffer(logits, inplace)
-    BLOCK_V = _block_v(V, block_v)
+    BLOCK_V = _block_v(V, block_v, logits.element_size())
     align = _align(logits)
     if B * T > 0:
         _grpo_grad_kernel[(_grid(B * T, V * logits.element_size(), logits.device),)](
@@ -417,6 +454,7 @@ def grpo_grad(logits, ids, mask, stats, g, temperature: float, inplace: bool, bl
             ids, mask, stats.contiguous(), g.to(torch.float32).contiguous(),
             dx, dx.stride(0), dx.stride(1),
             B * T, T, V, float(temperature),
-            DX_ALIGNED=_dx_aligned(logits, dx, align), BLOCK_V=BLOCK_V, ALIGN=align, num_warps=_num_warps(BLOCK_V),
+            DX_ALIGNED=_dx_aligned(logits, dx, align), BLOCK_V=BLOCK_V, ALIGN=align, TAU_ONE=temperature == 1.0,
+            num_warps=_num_warps(BLOCK_V),
         )
     return dx
