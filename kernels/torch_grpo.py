@@ -19,6 +19,10 @@ from .options import LossOptions
 _CHUNK_ELEMS = int(os.environ.get("RERULE_CHUNK_ELEMS", 1 << 24))
 
 
+# columns of the per-row statistics grpo_fwd returns and grpo_grad takes
+STATS_WIDTH = 3
+
+
 def _chunk_rows(V: int, chunk_rows: int | None) -> int:
     return chunk_rows or max(1, _CHUNK_ELEMS // max(V, 1))
 

@@ -288,6 +288,10 @@ def _grpo_grad_kernel(
 BLOCK_V_RANGE = (16, 16384)  # the interpreter's default tile goes up to 16384
 
 
+# columns of the per-row statistics grpo_fwd returns and grpo_grad takes
+STATS_WIDTH = 3
+
+
 def max_block_v(element_size: int) -> int:
     """Largest tile that compiles without register spills on sm_80 / sm_90 (checked by
     tests/test_compile_targets.py): 8192 for 16-bit logits, 4096 for fp32 (8192 spills on sm_90)."""

@@ -97,14 +97,14 @@ def test_cmake_build_exports_exactly_the_c_api(built):
 @needs_nvcc
 def test_built_library_loads_checks_abi_and_rejects_bad_arguments(built):
     lib = cuda_grpo.Library(built / "librerule_cuda.so")  # checks ABI version and both struct sizes
-    args = cuda_grpo.GrpoArgs(B=2, T=3, V=10, dtype=7, inv_tau=1.0)
+    args = cuda_grpo.GrpoArgs(B=2, T=3, V=10, dtype=7, tau=1.0)
     # rejected before any CUDA call, so this is safe with or without a GPU
     with pytest.raises(RuntimeError, match="dtype must be"):
         lib.check(lib.fwd(ctypes.byref(args), None), "rerule_grpo_fwd")
-    gargs = cuda_grpo.GrpoGradArgs(B=1, T=1, V=10, dtype=2, inv_tau=float("inf"))
-    with pytest.raises(RuntimeError, match="inv_tau"):
+    gargs = cuda_grpo.GrpoGradArgs(B=1, T=1, V=10, dtype=2, tau=float("inf"))
+    with pytest.raises(RuntimeError, match="tau must be"):
         lib.check(lib.grad(ctypes.byref(gargs), None), "rerule_grpo_grad")
-    empty = cuda_grpo.GrpoArgs(B=0, T=5, V=10, dtype=2, inv_tau=1.0)
+    empty = cuda_grpo.GrpoArgs(B=0, T=5, V=10, dtype=2, tau=1.0)
     assert lib.fwd(ctypes.byref(empty), None) == 0  # nothing to do: no launch, no device needed
     if not torch.cuda.is_available():
         # well-formed arguments reach the CUDA runtime, which finds no device and says so
@@ -125,8 +125,8 @@ def test_built_library_loads_checks_abi_and_rejects_bad_arguments(built):
 def test_library_of_another_abi_is_refused(built, monkeypatch):
     # ABI 2 added bias_correction_kl without changing sizeof(RerGrpoArgs): only the version
     # keeps a stale library from reading the flags at the wrong offsets
-    monkeypatch.setattr(cuda_grpo, "ABI_VERSION", 1)
-    with pytest.raises(RuntimeError, match=r"ABI 2, struct sizes .*expects ABI 1.*rebuild it"):
+    monkeypatch.setattr(cuda_grpo, "ABI_VERSION", 2)
+    with pytest.raises(RuntimeError, match=r"ABI 3, struct sizes .*expects ABI 2.*rebuild it"):
         cuda_grpo.Library(built / "librerule_cuda_emu.so", prefix="rerule_emu_", device_type="cpu")
 
 
@@ -212,6 +212,11 @@ CASES = [
     ("klis-token-noold-bnpo", dict(loss_type="bnpo", beta=0.3, bias_correction_kl=True), dict(old=False)),
     ("klis-seq-dapo", dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.2,
                            bias_correction_kl=True), {}),
+    # is_weight_kl: the behaviour weight also multiplies the KL term (ReRULE's replay.weight_kl)
+    ("wkl-token", dict(beta=0.3, is_weight_kl=True, is_cap=1.5), {}),
+    ("wkl-klis-token-noold", dict(loss_type="bnpo", beta=0.3, is_weight_kl=True, bias_correction_kl=True),
+     dict(old=False)),
+    ("wkl-seq", dict(importance_sampling_level="sequence", beta=0.2, is_weight_kl=True), {}),
 ]
 
 
@@ -406,3 +411,22 @@ def test_emulated_property_alignment_threads_cache_options(shape, offset, thread
     eager_grad = reference(inputs, torch.float32, **opts)[4]
     _check(out, xf.grad[:, :, offset:], ref, eager_grad=eager_grad)
     assert (xf.grad[:, :, :offset] == 0).all()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_emulated_huge_logits_and_temperature_like_eager(level, emulated):
+    """+-1e4 logits with ties at the max, tau = 0.7: the gradient kernel (sequence level) works relative
+    to the kept row max, so its error stays within 2x eager fp32's (through an fp32 lse it was 1e3x)."""
+    def edit(x, ids):
+        x[:, :, :2] = 1e4
+        x[:, :, 2:] = torch.randn(x[:, :, 2:].shape, dtype=torch.float64) * 1e4
+
+    inputs = make_inputs(2, 4, 301, seed=3, edit=edit)
+    opts = dict(importance_sampling_level=level, temperature=0.7)
+    ref, eager = reference(inputs, **opts), reference(inputs, torch.float32, **opts)
+    out, grad = _run(inputs, **opts)
+    for what, o_, e_, r_, sc in (("loss", out.loss.detach(), eager[0], ref[0], 1.0),
+                                 ("logps", out.logps, eager[1], ref[1], 1.0),
+                                 ("grad", grad, eager[4], ref[4], 8.0)):
+        assert_like_eager(o_, e_, r_, what, scale=sc)
