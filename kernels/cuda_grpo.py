@@ -54,8 +54,8 @@ class GrpoArgs(ctypes.Structure):
         ("tau", _f32), ("clip_lo", _f32), ("clip_hi", _f32), ("delta", _f32), ("dual_clip", _f32),
         ("beta", _f32), ("is_cap", _f32),
         ("dtype", _i32), ("has_delta", _i32), ("has_dual", _i32), ("bias_correction_kl", _i32),
-        ("is_weight_kl", _i32), ("fused_loss", _i32), ("compute_grad", _i32), ("return_entropy", _i32), ("threads", _i32),
-        ("device", _i32),
+        ("is_weight_kl", _i32), ("fused_loss", _i32), ("compute_grad", _i32), ("return_entropy", _i32),
+        ("threads", _i32), ("device", _i32),
     ]
 
 

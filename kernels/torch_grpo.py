@@ -45,8 +45,13 @@ def _row_pass(x: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
     m = x.amax(dim=-1, keepdim=True)
     # an all -inf (or +inf / NaN) row: shift by 0 and let the NaN surface in logp
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    x_label = x.gather(1, lab).squeeze(1)
     y = x.sub_(m)
     y_label = y.gather(1, lab).squeeze(1)
+    # the rounding error of y_label = x_label - m (TwoSum), so that logp is rounded once, not twice
+    bb = y_label - x_label
+    y_err = (x_label - (y_label - bb)) + (-m.squeeze(1) - bb)
+    y_err = torch.nan_to_num(y_err, nan=0.0)
     t = None
     if return_entropy:
         ey = torch.exp(y)
@@ -57,16 +62,17 @@ def _row_pass(x: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
     q = e.scatter(1, lab, 0.0).sum(-1)
     s = q + e_label
     log_s = torch.log(s)
-    logp = label_logp(y_label, e_label, s, q, log_s)
+    logp = label_logp(y_label, y_err, e_label, s, q, log_s)
     ent = log_s - t / s if return_entropy else None
     return logp, torch.stack([m.squeeze(1), s, q], dim=1), ent, e
 
 
-def label_logp(y_label, e_label, s, q, log_s):
-    """log p_label = y_label - log(s), or -log1p(q / e_label) where the label holds nearly all the mass
-    (there log(s) rounds s = 1 + tiny and loses the digits; log1p keeps them)."""
+def label_logp(y_label, y_err, e_label, s, q, log_s):
+    """log p_label = y_label + (y_err - log(s)), one rounding of x_label - max - log s (y_err is the
+    rounding error of y_label), or -log1p(q / e_label) where the label holds nearly all the mass (there
+    log(s) rounds s = 1 + tiny and loses the digits; log1p keeps them)."""
     z = q / e_label
-    return torch.where(z < 1e-3, -torch.log1p(z), y_label - log_s)
+    return torch.where(z < 1e-3, -torch.log1p(z), y_label + (y_err - log_s))
 
 
 def _grad_buffer(logits, inplace, valid):

@@ -1,21 +1,26 @@
 """Triton backend of the fused GRPO loss over logits.
 
-Two kernels, one program per (b, t) row of the logits:
+Two kernels on a persistent grid (``_grid``: about one program per SM, few enough that the rows
+in flight fit in L2); each program loops over (b, t) rows of the logits:
 
-* ``_grpo_fwd_kernel``: one sweep over the vocab keeps the online max, the sum of
-  exp and (on request) the sum of p * x for the entropy, and gathers the label logit.
+* ``_grpo_fwd_kernel``: one sweep over the vocab keeps the online max m, the sum q of
+  exp(x - m) over the entries other than the label and (on request) the entropy terms, and
+  gathers the label logit. logp = (x_label - m) - log(q + e_label) relative to the kept max.
   For token-level losses (FUSED_LOSS) it then evaluates the per-token GRPO terms
   (ratio, clip, dual clip, behaviour weight, k3 KL, reduction weight) in registers
   and, when a gradient is needed, sweeps the row again to write
-  ``dlogits = g * (onehot - softmax) / tau`` while the row is still hot in L2.
-  So forward and gradient are one launch.
+  ``dlogits = g * (onehot - softmax) / tau`` while the row is still hot in L2, with
+  1 - p_label = q / s from the other terms. So forward and gradient are one launch.
 * ``_grpo_grad_kernel``: the second sweep alone, for per-token scalars g computed
-  outside (sequence-level IS, and the backward of plain per-token log-probs).
+  outside (sequence-level IS, and the backward of plain per-token log-probs), from the
+  per-row statistics (m, s, q) the forward kept.
 
-Out-of-range vocab columns load as -inf (never 0) so they add nothing to the
-log-sum-exp; addressing is int64; all math is fp32 whatever the input dtype.
-Rows with mask 0 skip the vocab sweep: they report zeros and, if a gradient is
-written, a zero row.
+Each sweep walks a row in three parts: a head up to the first 16-byte boundary, a body of
+whole unmasked tiles (128-bit vector loads and stores whatever V is) and a masked tail.
+Masked-out columns load as -inf (never 0) so they add nothing to the sums; addressing is
+int64; all math is fp32 whatever the input dtype; x / tau is a true division. Rows with
+mask 0 skip the vocab sweep: they report zeros and, if a gradient is written, a zero row.
+Derivations and the traffic model: docs/kernels.md.
 
 Host launchers ``grpo_fwd`` / ``grpo_grad`` allocate and pick the grid; the
 autograd Functions live in grpo_loss.py and logprobs.py.
@@ -44,11 +49,11 @@ def _scale(x, tau, TAU_ONE: tl.constexpr):
 
 @triton.jit
 def _lse_block(b_x, is_lab, m, q, t, s_all, RETURN_ENT: tl.constexpr):
-    """Fold one block of x = logits / tau into the online state (m, q, t) of a row.
+    """Fold one block of x = logits / tau into the online state (m, q, t, s_all) of a row.
 
     m: running max; q: sum of exp(x - m) over the non-label entries; t: sum of exp(x - m) * (x - m)
-    over all entries and s_all = sum of exp(x - m) over all entries (both only for the entropy). All relative to the running max, so nothing cancels when
-    the logits are huge (|x| ~ 1e4).
+    and s_all: sum of exp(x - m), both over all entries and only for the entropy. All relative to the
+    running max, so nothing cancels when the logits are huge (|x| ~ 1e4).
     """
     m_new = tl.maximum(m, tl.max(b_x, axis=0))
     # An all -inf prefix keeps m = -inf; shift by 0 then so exp() never sees -inf - -inf.
@@ -75,7 +80,8 @@ def _row_stats(X, off, head, label, V, tau, RETURN_ENT: tl.constexpr, BLOCK_V: t
     ``head`` (< ALIGN) elements up to the first 16-byte aligned address, a body of whole
     unmasked blocks (vector loads whatever V is), and a masked tail. ``off`` is the row's element
     offset from X; off + head is a multiple of ALIGN (16 bytes of X's dtype).
-    Returns (m_safe, s, q, y_label, entropy) with s = q + exp(y_label), y_label = x_label - m_safe.
+    Returns (m_safe, s, q, y_label, y_err, entropy) with s = q + exp(y_label), y_label + y_err = x_label - m_safe
+    exactly (y_err: the rounding error of the fp32 subtraction).
     """
     m = tl.full([], float("-inf"), tl.float32)
     q = tl.zeros([], tl.float32)
@@ -96,21 +102,27 @@ def _row_stats(X, off, head, label, V, tau, RETURN_ENT: tl.constexpr, BLOCK_V: t
     b_t = _scale(tl.load(p_b + o_t, mask=o_t < V - head, other=float("-inf")).to(tl.float32), tau, TAU_ONE)
     m, q, t, s_all = _lse_block(b_t, o_t == lab, m, q, t, s_all, RETURN_ENT)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    y_label = _scale(tl.load(X + off + label).to(tl.float32), tau, TAU_ONE) - m_safe
+    x_label = _scale(tl.load(X + off + label).to(tl.float32), tau, TAU_ONE)
+    y_label = x_label - m_safe
+    # the rounding error of y_label (TwoSum), so that logp is rounded once, not twice
+    bb = y_label - x_label
+    y_err = (x_label - (y_label - bb)) + (-m_safe - bb)
+    y_err = tl.where(y_err == y_err, y_err, 0.0)  # inf - inf: no correction
     s = q + tl.exp(y_label)
     ent = tl.log(s) - (t / s)
-    return m_safe, s, q, y_label, ent
+    return m_safe, s, q, y_label, y_err, ent
 
 
 @triton.jit
-def _label_logp(y_label, s, q):
-    """log p_label = y_label - log(s), or -log1p(q / e_label) by its series where the label holds
-    nearly all the mass (there log(s) would round s = 1 + tiny to 1 and lose every digit)."""
+def _label_logp(y_label, y_err, s, q):
+    """log p_label = y_label + (y_err - log(s)) (one rounding of x_label - max - log s), or
+    -log1p(q / e_label) by its series where the label holds nearly all the mass (there log(s) would
+    round s = 1 + tiny to 1 and lose every digit)."""
     z = q / tl.exp(y_label)
     small = z < 1e-3
     zs = tl.where(small, z, 0.0)
     series = -(zs - zs * zs * (0.5 - zs * (1.0 / 3.0)))
-    return tl.where(small, series, y_label - tl.log(s))
+    return tl.where(small, series, y_label + (y_err - tl.log(s)))
 
 
 @triton.jit
@@ -198,8 +210,8 @@ def _fwd_row(
     if tl.load(MASK + i_n) != 0:
         label = tl.load(IDS + i_n).to(tl.int64)
         head = tl.minimum((ALIGN - off % ALIGN) % ALIGN, V).to(tl.int32)
-        m, s, q, y_label, ent = _row_stats(X, off, head, label, V, tau, RETURN_ENT, BLOCK_V, ALIGN, TAU_ONE)
-        logp = _label_logp(y_label, s, q)
+        m, s, q, y_label, y_err, ent = _row_stats(X, off, head, label, V, tau, RETURN_ENT, BLOCK_V, ALIGN, TAU_ONE)
+        logp = _label_logp(y_label, y_err, s, q)
         tl.store(LOGP + i_n, logp)
         tl.store(STATS + 3 * i_n, m)
         tl.store(STATS + 3 * i_n + 1, s)

@@ -10,7 +10,8 @@ normalized by a tensor's max) and gradients are compared after multiplying by th
 (so a gradient element is O(1), not O(1 / tokens)). The fused-linear gradients come out of GEMMs
 whose summation order differs from eager's, so their size is the GEMM's error scale
 ``|d logits| @ |W|`` (resp. ``|d logits|^T @ |h|``) instead of ``|r_i|``; for the +-1e4 and tie regimes
-its inputs are small integers, so the forward GEMM is exact and the logits are the same bits.
+outside the ``normal`` regime its inputs are small integers, so the forward GEMM is exact and the
+logits are the same bits.
 
 ``RERULE_FUZZ_CASES=N`` runs N cases per backend (default: a small subset that keeps the normal
 suite fast); ``RERULE_FUZZ_REPORT=path`` appends one JSON line per backend and regime with the worst
@@ -43,8 +44,14 @@ def _draw(rng: random.Random, backend: str):
     V = rng.choice([1, 2, 3, 7, 33, 50, 123, 257] if backend != "fused_linear" else [2, 7, 50, 123])
     if regime in ("confident", "ties") and V < 2:
         V = 3
+    # Outside the ordinary regime, temperatures are powers of two: there x / tau is exact in fp32. With
+    # tau = 0.7 and |x / tau| ~ 1e2..1e4 the fp32 rounding of x / tau (and of tau itself) is an error
+    # of ~1 ulp of the scaled logit that eager torch and the kernels share bit for bit (both divide,
+    # by the same fp32 tau); the per-case ratio then measures which of two equally rounded results
+    # happened to land closer, not the kernel (seen: 1 torch and 7 fused-linear cases in 2000).
+    temps = [1.0, 1.0, 0.7, 1.3, 0.25, 3.0] if regime == "normal" else [1.0, 1.0, 0.5, 0.25, 2.0, 4.0]
     opts = dict(
-        temperature=rng.choice([1.0, 1.0, 0.7, 1.3, 0.25, 3.0]),
+        temperature=rng.choice(temps),
         loss_type=rng.choice(["grpo", "bnpo", "dr_grpo", "dapo"]),
         importance_sampling_level=rng.choice(["token", "sequence"]),
         epsilon_low=rng.choice([0.2, 0.1]), epsilon_high=rng.choice([0.2, 0.28]),
@@ -95,10 +102,11 @@ def _inputs(seed: int, backend: str):
     hw = None
     if backend == "fused_linear":
         H = rng.choice([3, 8, 17])
-        if regime in ("huge", "ties"):
+        if regime != "normal":
             # small integers: every product and partial sum is exact in fp32 (|x| < 2^24), so the GEMM is
             # exact in any summation order and the comparison sees the kernel's numerics, not the GEMM's
-            top = 1000 if regime == "huge" else 3
+            # (confident: gaps of tens between logits, so the top token holds nearly all the mass)
+            top = {"huge": 1000, "ties": 3, "confident": 8}[regime]
             h = torch.randint(-3, 4, (B, T, H), generator=g).double()
             w = torch.randint(-top, top + 1, (V, H), generator=g).double()
         else:
