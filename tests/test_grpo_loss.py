@@ -260,3 +260,63 @@ def test_is_weight_kl_bounds_the_kl_gradient_of_replayed_tokens(impl):
         grpo_loss(x, ids, torch.ones(1, 1), is_weight_kl=flag, **kw).loss.backward()
         grads[flag] = x.grad.abs().max().item()
     assert grads[False] > 1e10 and grads[True] < 0.05
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_backward_scales_in_fp32(impl):
+    """(loss / 3).backward() on bf16 logits: the stored bf16 gradient times fp32(1/3), rounded once; a
+    bf16-rounded scalar (0.33398) would give other bits."""
+    inputs = make_inputs(2, 3, 257, seed=21, dtype=torch.bfloat16)
+    grads = []
+    for scale in (None, 3.0):
+        x = inputs["logits"].clone().requires_grad_()
+        kw = {k: v for k, v in inputs.items() if k != "logits"}
+        out = grpo_loss(x, **kw, beta=0.1, impl=impl)
+        (out.loss if scale is None else out.loss / scale).backward()
+        grads.append(x.grad)
+    expected = (grads[0].float() * (torch.tensor(1.0) / 3.0)).to(torch.bfloat16)
+    assert torch.equal(grads[1], expected)
+    assert not torch.equal(grads[1], grads[0] * torch.tensor(1 / 3.0).to(torch.bfloat16))
+
+
+def test_backward_with_unit_upstream_skips_the_scale_pass(monkeypatch):
+    """loss.backward() (upstream 1) leaves the stored gradient as it is: no pass over [B, T, V]."""
+    from rerule.kernels import grpo_loss as gl
+
+    t = torch.randn(4, 5, dtype=torch.bfloat16)
+    before = t.clone()
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "mul_", lambda self, *a, **k: calls.append(1))
+    assert gl.scale_grad_(t, torch.tensor(1.0)) is t and torch.equal(t, before) and not calls
+    monkeypatch.undo()
+    gl.scale_grad_(t, torch.tensor(0.5))
+    assert torch.equal(t, (before.float() * 0.5).to(torch.bfloat16))
+    f = torch.randn(3, 7)[:, :5]  # non-contiguous fp32 and bf16 views scale too
+    g = f.clone()
+    gl.scale_grad_(f, torch.tensor(2.0))
+    assert torch.equal(f, g * 2)
+    h = torch.randn(2, 4, 6, dtype=torch.bfloat16)[:, :3]
+    hh = h.clone()
+    gl.scale_grad_(h, torch.tensor(1 / 3.0))
+    assert torch.equal(h, (hh.float() * torch.tensor(1 / 3.0)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_single_confident_token_keeps_one_minus_p(impl, level):
+    """p_label = 1 - 3.7e-13: 1 - p cancels to 0 in fp32 (eager's gradient at the label is 0); from the
+    sum of the other terms it keeps its digits, in the fused sweep and in the separate gradient kernel."""
+    logits = torch.zeros(1, 2, 5)
+    logits[0, :, 0] = 30.0
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    inputs = dict(logits=logits, completion_ids=ids, completion_mask=torch.ones(1, 2),
+                  advantages=torch.ones(1), old_logps=torch.full((1, 2), -0.05))
+    opts = dict(importance_sampling_level=level, epsilon_high=10.0)
+    ref = reference(inputs, **opts)
+    out, x = _run(inputs, impl, return_entropy=False, **opts)
+    # the fp64 spec itself loses 1 - p to ~3e-4 relative here (1 - exp(-3.7e-13) in fp64); a softmax
+    # gradient row sums to zero, so the label's exact value is minus the sum of the other entries
+    label_grad, label_ref = x.grad[0, :, 0].double(), -ref[4][0, :, 1:].sum(-1)
+    assert (label_ref.abs() > 1e-14).all()
+    assert ((label_grad - label_ref).abs() <= 1e-5 * label_ref.abs()).all(), (label_grad, label_ref)
+    assert_close(out.logps, ref[1], 1e-12, 1e-5, "logps")  # -3.7e-13, not 0 or -6e-8
