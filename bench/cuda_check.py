@@ -260,7 +260,9 @@ def _time_shape(B: int, T: int, V: int, reps: int, copy_GBps: float) -> list:
     mask = torch.ones(B, T, dtype=torch.int32, device=DEV)
     adv, rw = inp["advantages"], reduction_weights(mask, "grpo")
     old, beh, ref = inp["old_logps"], inp["behavior_logps"], inp["ref_logps"]
-    lse, g = torch.zeros(B, T, device=DEV), torch.randn(B, T, device=DEV) * 1e-3
+    g = torch.randn(B, T, device=DEV) * 1e-3
+    # each backend's per-row softmax statistics for grpo_grad (row max, sums): values are irrelevant to timing
+    stats = lambda m: torch.ones(B, T, m.STATS_WIDTH, device=DEV)
     o = LossOptions(beta=0.04, epsilon_high=0.28)
     # byte floors: the logits read once, plus dlogits written once where there is a gradient
     nbytes = x.numel() * x.element_size()
@@ -272,7 +274,7 @@ def _time_shape(B: int, T: int, V: int, reps: int, copy_GBps: float) -> list:
                                                                    True, True, False, True)),
         "logp_fwd_entropy": (nbytes, lambda m: m.grpo_fwd(x, ids, mask, None, None, None, None, None, o,
                                                          False, False, True, False)),
-        "grad_sweep": (2 * nbytes, lambda m: m.grpo_grad(x, ids, mask, lse, g, 1.0, False)),
+        "grad_sweep": (2 * nbytes, lambda m: m.grpo_grad(x, ids, mask, stats(m), g, 1.0, False)),
     }
     rows = []
     for op, (floor_bytes, call) in ops.items():

@@ -27,7 +27,7 @@ import torch
 
 from .options import LossOptions
 
-ABI_VERSION = 2  # RERULE_CUDA_ABI_VERSION in kernels/csrc/rerule_grpo.h
+ABI_VERSION = 3  # RERULE_CUDA_ABI_VERSION in kernels/csrc/rerule_grpo.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LIB_NAME = "librerule_cuda.so"
 BUILD_HINT = (
@@ -47,15 +47,15 @@ class GrpoArgs(ctypes.Structure):
     _fields_ = [
         ("logits", _p), ("dlogits", _p), ("ids", _p), ("mask", _p), ("adv", _p), ("rw", _p),
         ("old_logp", _p), ("beh_logp", _p), ("ref_logp", _p),
-        ("logp", _p), ("lse", _p), ("entropy", _p), ("loss_tok", _p),
+        ("logp", _p), ("lse", _p), ("row_max", _p), ("row_log_s", _p), ("entropy", _p), ("loss_tok", _p),
         ("B", _i64), ("T", _i64), ("V", _i64),
         ("stride_b", _i64), ("stride_t", _i64), ("stride_db", _i64), ("stride_dt", _i64),
         ("cache_bytes", _i64),
-        ("inv_tau", _f32), ("clip_lo", _f32), ("clip_hi", _f32), ("delta", _f32), ("dual_clip", _f32),
+        ("tau", _f32), ("clip_lo", _f32), ("clip_hi", _f32), ("delta", _f32), ("dual_clip", _f32),
         ("beta", _f32), ("is_cap", _f32),
         ("dtype", _i32), ("has_delta", _i32), ("has_dual", _i32), ("bias_correction_kl", _i32),
-        ("fused_loss", _i32), ("compute_grad", _i32), ("return_entropy", _i32), ("threads", _i32),
-        ("device", _i32),
+        ("is_weight_kl", _i32), ("fused_loss", _i32), ("compute_grad", _i32), ("return_entropy", _i32),
+        ("threads", _i32), ("device", _i32),
     ]
 
 
@@ -63,10 +63,10 @@ class GrpoGradArgs(ctypes.Structure):
     """RerGrpoGradArgs of rerule_grpo.h, field for field."""
 
     _fields_ = [
-        ("logits", _p), ("dlogits", _p), ("ids", _p), ("mask", _p), ("lse", _p), ("g", _p),
+        ("logits", _p), ("dlogits", _p), ("ids", _p), ("mask", _p), ("row_max", _p), ("row_log_s", _p), ("g", _p),
         ("B", _i64), ("T", _i64), ("V", _i64),
         ("stride_b", _i64), ("stride_t", _i64), ("stride_db", _i64), ("stride_dt", _i64),
-        ("inv_tau", _f32), ("dtype", _i32), ("threads", _i32), ("device", _i32),
+        ("tau", _f32), ("dtype", _i32), ("threads", _i32), ("device", _i32),
     ]
 
 
@@ -114,6 +114,10 @@ _HINTS = {
 
 _LIB: Library | None = None
 _LOCK = threading.Lock()
+
+
+# columns of the per-row statistics grpo_fwd returns and grpo_grad takes
+STATS_WIDTH = 2
 
 
 def library_path() -> Path:
@@ -222,6 +226,7 @@ def fwd_args(
     beh_ = _rows("behavior_logps", beh, torch.float32, N) if fused_loss else None
     ref_ = _rows("ref_logps", ref, torch.float32, N) if (fused_loss and has_ref) else None
     logp, lse = _empty((N,), torch.float32, dev), _empty((N,), torch.float32, dev)
+    stats = _empty((2, N), torch.float32, dev)  # row max and log-sum, kept for the gradient kernel
     ent = _empty((N,), torch.float32, dev) if return_entropy else None
     loss_tok = _empty((N,), torch.float32, dev) if fused_loss else None
     grad = fused_loss and compute_grad
@@ -229,44 +234,49 @@ def fwd_args(
     args = GrpoArgs(
         logits=logits.data_ptr(), dlogits=_ptr(dx), ids=_ptr(ids_), mask=_ptr(mask_),
         adv=_ptr(adv_), rw=_ptr(rw_), old_logp=_ptr(old_), beh_logp=_ptr(beh_), ref_logp=_ptr(ref_),
-        logp=logp.data_ptr(), lse=lse.data_ptr(), entropy=_ptr(ent), loss_tok=_ptr(loss_tok),
+        logp=logp.data_ptr(), lse=lse.data_ptr(), row_max=stats[0].data_ptr(), row_log_s=stats[1].data_ptr(),
+        entropy=_ptr(ent), loss_tok=_ptr(loss_tok),
         B=B, T=T, V=V, stride_b=logits.stride(0), stride_t=logits.stride(1),
         stride_db=dx.stride(0) if grad else 0, stride_dt=dx.stride(1) if grad else 0,
         cache_bytes=_env_int("RERULE_CUDA_CACHE_BYTES", -1),
-        inv_tau=1.0 / o.temperature, clip_lo=1.0 - o.epsilon_low, clip_hi=1.0 + o.epsilon_high,
+        tau=float(o.temperature), clip_lo=1.0 - o.epsilon_low, clip_hi=1.0 + o.epsilon_high,
         delta=float(o.delta or 0.0), dual_clip=float(o.dual_clip or 0.0), beta=float(o.beta),
         is_cap=float(o.is_cap),
         dtype=dtype, has_delta=int(o.delta is not None), has_dual=int(o.dual_clip is not None),
-        bias_correction_kl=int(o.bias_correction_kl),
+        bias_correction_kl=int(o.bias_correction_kl), is_weight_kl=int(o.is_weight_kl),
         fused_loss=int(fused_loss), compute_grad=int(grad), return_entropy=int(return_entropy),
         threads=threads or _env_int("RERULE_CUDA_THREADS", 0), device=dev.index or 0,
     )
     shape = (B, T)
     outputs = (
-        logp.view(shape), lse.view(shape), None if ent is None else ent.view(shape),
+        logp.view(shape), stats.view(2, B, T).permute(1, 2, 0), None if ent is None else ent.view(shape),
         None if loss_tok is None else loss_tok.view(shape), dx,
     )
-    return args, outputs, (ids_, mask_, adv_, rw_, old_, beh_, ref_)
+    return args, outputs, (ids_, mask_, adv_, rw_, old_, beh_, ref_, lse)  # lse: written, not returned
 
 
 def grad_args(
-    lib: Library, logits, ids, mask, lse, g, temperature: float, inplace: bool, threads: int | None = None
+    lib: Library, logits, ids, mask, stats, g, temperature: float, inplace: bool, threads: int | None = None
 ):
-    """Allocate dlogits and fill a GrpoGradArgs. Returns (args, dlogits, keep_alive)."""
-    dtype = _check_logits(lib, logits, dict(completion_ids=ids, mask=mask, lse=lse, g=g))
+    """Allocate dlogits and fill a GrpoGradArgs. ``stats`` [B, T, 2] = (row max, log-sum) from grpo_fwd.
+    Returns (args, dlogits, keep_alive)."""
+    dtype = _check_logits(lib, logits, dict(completion_ids=ids, mask=mask, stats=stats, g=g))
     B, T, V = logits.shape
     N = B * T
     ids_, mask_ = _rows("completion_ids", ids, torch.int64, N), _rows("mask", mask, torch.int32, N)
-    lse_, g_ = _rows("lse", lse, torch.float32, N), _rows("g", g, torch.float32, N)
+    if stats.shape[-1] != 2:
+        raise ValueError(f"stats must be the [B, T, 2] row statistics of cuda grpo_fwd, got {tuple(stats.shape)}")
+    mx_, ls_ = _rows("row_max", stats[..., 0], torch.float32, N), _rows("row_log_s", stats[..., 1], torch.float32, N)
+    g_ = _rows("g", g, torch.float32, N)
     dx = _grad_buffer(logits, inplace)
     args = GrpoGradArgs(
         logits=logits.data_ptr(), dlogits=dx.data_ptr(), ids=_ptr(ids_), mask=_ptr(mask_),
-        lse=_ptr(lse_), g=_ptr(g_),
+        row_max=_ptr(mx_), row_log_s=_ptr(ls_), g=_ptr(g_),
         B=B, T=T, V=V, stride_b=logits.stride(0), stride_t=logits.stride(1),
-        stride_db=dx.stride(0), stride_dt=dx.stride(1), inv_tau=1.0 / temperature, dtype=dtype,
+        stride_db=dx.stride(0), stride_dt=dx.stride(1), tau=float(temperature), dtype=dtype,
         threads=threads or _env_int("RERULE_CUDA_THREADS", 0), device=logits.device.index or 0,
     )
-    return args, dx, (ids_, mask_, lse_, g_)
+    return args, dx, (ids_, mask_, mx_, ls_, g_)
 
 
 def grpo_fwd(
@@ -276,11 +286,10 @@ def grpo_fwd(
     """Forward (and, for token-level losses, the gradient) over [B, T, V] logits (stride 1 on V).
 
     ids/mask/rw/old/beh/ref are [B, T]; adv is [B] fp32; ``tile`` = threads per block (None: auto).
-    Returns (logp, lse, entropy or None, loss_tok or None, dlogits or None), fp32 [B, T] except
-    dlogits ([B, T, V] in the logits dtype; the logits buffer itself when ``inplace``).
+    Returns (logp, stats, entropy or None, loss_tok or None, dlogits or None): fp32 [B, T] except stats
+    ([B, T, 2]: row max and log-sum of logits / tau, for ``grpo_grad``) and dlogits ([B, T, V] in the
+    logits dtype; the logits buffer itself when ``inplace``).
     """
-    if o.is_weight_kl and fused_loss and beh is not None and ref is not None and o.beta != 0.0:
-        raise NotImplementedError("is_weight_kl is not in the CUDA kernel yet: use impl='triton' or 'torch'")
     lib = _library_for(logits)
     args, outputs, _keep = fwd_args(
         lib, logits, ids, mask, adv, rw, old, beh, ref, o,
@@ -290,10 +299,10 @@ def grpo_fwd(
     return outputs
 
 
-def grpo_grad(logits, ids, mask, lse, g, temperature: float, inplace: bool, tile: int | None = None):
+def grpo_grad(logits, ids, mask, stats, g, temperature: float, inplace: bool, tile: int | None = None):
     """dlogits = g * (onehot - softmax(logits / tau)) / tau, zero rows where mask is 0."""
     lib = _library_for(logits)
-    args, dx, _keep = grad_args(lib, logits, ids, mask, lse, g, temperature, inplace, tile)
+    args, dx, _keep = grad_args(lib, logits, ids, mask, stats, g, temperature, inplace, tile)
     _launch(lib, lib.grad, args, logits.device, "rerule_grpo_grad")
     return dx
 

@@ -5,7 +5,7 @@ Design: chunked GEMM + the fused GRPO kernel, on any backend (torch, Triton, CUD
     rows   = nonzero(mask)                       # compact first: padding rows are never multiplied
     for each chunk r of rows (chunk_rows rows):
         x_c   = h[r] @ W.T (+ b)                 # [n, V], fp32 (fp32 accumulate for bf16/fp16 inputs)
-        logp, lse, ent, loss_tok, dx_c = backend.grpo_fwd(x_c as [n, 1, V], ..., inplace=True)
+        logp, stats, ent, loss_tok, dx_c = backend.grpo_fwd(x_c as [n, 1, V], ..., inplace=True)
         grad_h[r]  = dx_c @ W                    # each row written once
         grad_W    += dx_c.T @ h[r]               # fp32 accumulator, cast to W's dtype at the end
         grad_b    += dx_c.sum(0)
@@ -27,7 +27,7 @@ Why this shape:
   accumulates across chunks in bf16, which loses low-order bits once there are many chunks),
   and is cast to the weight's dtype once at the end.
 * Sequence-level IS (GSPO) needs every log-prob of a sequence before any gradient: pass 1 over the
-  chunks computes logp / lse (and entropy) only and discards the logits; the O(N) torch step
+  chunks computes logp and the softmax statistics (and entropy) only and discards the logits; the O(N) torch step
   ``sequence_terms`` gives the per-token g = d loss / d logp; pass 2 recomputes each chunk's
   logits and calls the backend's ``grpo_grad`` for dx_c. Cost: 8 N H V FLOPs (one extra GEMM),
   the same peak memory.
@@ -60,7 +60,7 @@ import os
 
 import torch
 
-from .grpo_loss import backend_module
+from .grpo_loss import backend_module, scale_grad_
 from .grpo_math import reduction_weights, sequence_terms
 from .options import LossOptions
 
@@ -199,7 +199,8 @@ def fused_linear_grpo_forward(
     col = lambda t, s, e: None if t is None else t[s:e].view(-1, 1)
 
     f32 = dict(dtype=torch.float32, device=device)
-    logp_v, lse_v = torch.zeros(n_valid, **f32), torch.zeros(n_valid, **f32)
+    logp_v = torch.zeros(n_valid, **f32)
+    stats_v = None  # the backend's per-row softmax statistics ([n_valid, k]), kept for pass 2
     ent_v = torch.zeros(n_valid, **f32) if return_entropy else None
     loss_v = torch.zeros(n_valid, **f32)
 
@@ -221,7 +222,11 @@ def fused_linear_grpo_forward(
             col(beh_v, s, e), col(ref_v, s, e), o, token_level, token_level and any_grad, return_entropy,
             True, tile,
         )
-        logp_v[s:e], lse_v[s:e] = lp.view(-1), ls.view(-1)
+        logp_v[s:e] = lp.view(-1)
+        st = ls.reshape(n, -1)
+        if stats_v is None:
+            stats_v = torch.zeros(n_valid, st.shape[1], **f32)
+        stats_v[s:e] = st
         if return_entropy:
             ent_v[s:e] = en.view(-1)
         if token_level:
@@ -244,7 +249,7 @@ def fused_linear_grpo_forward(
                 n = e - s
                 x = chunk_logits(head, h_c, None if buf is None else buf[:n])
                 dx = backend.grpo_grad(
-                    x.view(n, 1, V), col(ids_v, s, e), ones[:n], col(lse_v, s, e), col(g_v, s, e),
+                    x.view(n, 1, V), col(ids_v, s, e), ones[:n], _stats_rows(stats_v, s, e), col(g_v, s, e),
                     o.temperature, True, tile,
                 )
                 head.backward(dx.view(n, V), h_c, grad_h, r)
@@ -255,6 +260,12 @@ def fused_linear_grpo_forward(
     grad_b = None if head.grad_b is None else head.grad_b.to(bias.dtype)
     grad_h = None if grad_h is None else grad_h.view(B, T, H)
     return loss, logp, ent, grad_h, grad_w, grad_b
+
+
+def _stats_rows(stats_v: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Rows s:e of the kept statistics, shaped as the backend returned them for an [n, 1, V] chunk."""
+    st = stats_v[s:e]
+    return st.view(e - s, 1) if st.shape[1] == 1 else st.view(e - s, 1, st.shape[1])
 
 
 def chunk_logits(head: _LmHead, h_c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -288,7 +299,8 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
             )
         ctx.consumed = True
         # The stored gradients are ours: scale them in place rather than allocate a second grad_W.
-        grads = tuple(None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in ctx.saved_tensors)
+        # (skipped when the upstream gradient is 1; in fp32 otherwise, see scale_grad_)
+        grads = tuple(None if t is None else scale_grad_(t, grad_loss) for t in ctx.saved_tensors)
         return grads + (None,) * 13
 
 

@@ -4,7 +4,9 @@ Forward does all the work: the backend's forward pass returns the per-token log-
 for token-level losses, the per-token loss terms and d loss / d logits in the same launch.
 Sequence-level IS (GSPO) needs every log-prob of a sequence before any gradient, so it takes
 the small torch step ``sequence_terms`` in between and a second launch (``grpo_grad``).
-Backward only scales the stored gradient by the upstream scalar.
+Backward only scales the stored gradient by the upstream scalar: not at all when it is 1 (the usual
+``loss.backward()``: no extra read and write of the [B, T, V] buffer), and in fp32 otherwise (never
+through a bf16 rounding of the scalar), see ``scale_grad_``.
 
 Memory: the gradient is one [B, T, V] buffer in the logits' dtype, or the logits buffer itself
 with ``inplace=True`` (opt-in: the caller's logits are overwritten).
@@ -29,6 +31,36 @@ def backend_module(impl: str):
     return importlib.import_module(f".{impl}_grpo", __package__)
 
 
+# elements per fp32 block when scaling a half-precision gradient (64 MB of fp32 scratch)
+_SCALE_BLOCK = 1 << 24
+
+
+def scale_grad_(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """t *= grad in place, for a stored gradient t and the upstream 0-dim gradient ``grad``.
+
+    grad == 1 (``loss.backward()``): nothing is done, so the backward costs no pass over t (one
+    host sync decides this). Otherwise the product is taken in fp32 (fp64 for fp64 t) and rounded to
+    t's dtype once: a bf16 t is upcast block by block, never multiplied by a bf16-rounded scalar
+    (which would scale by 0.33393 for 1/3).
+    """
+    if bool(grad == 1):
+        return t
+    acc = torch.promote_types(t.dtype, torch.float32)
+    g = grad.detach().to(acc)
+    if t.dtype == acc:
+        return t.mul_(g)
+    blocks = [t] if t.is_contiguous() else t.unbind(0)
+    for blk in blocks:
+        if not blk.is_contiguous():
+            blk.copy_(blk.to(acc).mul_(g))
+            continue
+        flat = blk.view(-1)
+        for i in range(0, flat.numel(), _SCALE_BLOCK):
+            part = flat[i : i + _SCALE_BLOCK]
+            part.copy_(part.to(acc).mul_(g))
+    return t
+
+
 class FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ids, mask, adv, rw, old, beh, ref, o: LossOptions, impl, return_entropy, inplace,
@@ -36,7 +68,7 @@ class FusedGRPOLoss(torch.autograd.Function):
         backend = backend_module(impl)
         need_grad = ctx.needs_input_grad[0]
         token_level = not o.sequence_level
-        logp, lse, ent, loss_tok, dx = backend.grpo_fwd(
+        logp, stats, ent, loss_tok, dx = backend.grpo_fwd(
             logits, ids, mask, adv, rw, old, beh, ref, o,
             token_level, need_grad and token_level, return_entropy, inplace and need_grad, tile,
         )
@@ -48,7 +80,7 @@ class FusedGRPOLoss(torch.autograd.Function):
             )
             loss = (rw * loss_tok).sum()
             if need_grad:
-                dx = backend.grpo_grad(logits, ids, mask, lse, g, o.temperature, inplace, tile)
+                dx = backend.grpo_grad(logits, ids, mask, stats, g, o.temperature, inplace, tile)
         if need_grad:
             ctx.save_for_backward(dx)
         ctx.consumed = False
@@ -64,7 +96,7 @@ class FusedGRPOLoss(torch.autograd.Function):
         (dx,) = ctx.saved_tensors
         # Scale the buffer in place: it is ours (or, with inplace=True, the caller's logits);
         # a second [B, T, V] allocation here would double the peak memory of the loss.
-        return (dx.mul_(grad_loss.to(dx.dtype)),) + (None,) * 12
+        return (scale_grad_(dx, grad_loss),) + (None,) * 12
 
 
 def fused_grpo_loss(

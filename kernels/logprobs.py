@@ -2,7 +2,8 @@
 
 Forward is the GRPO forward sweep without the loss (online log-sum-exp, label gather,
 entropy); backward is the gradient sweep dlogits = g * (onehot - softmax) / tau with
-g = d out / d logp. Only the logits and the [B, T] log-sum-exp are saved.
+g = d out / d logp. Only the logits and the backend's per-row softmax statistics (the row max and
+the sums, not a rounded log-sum-exp) are saved.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ class TokenLogps(torch.autograd.Function):
     def forward(ctx, logits, ids, mask, temperature, return_entropy, impl, tile):
         backend = backend_module(impl)
         o = LossOptions(temperature=temperature)
-        logp, lse, ent, _, _ = backend.grpo_fwd(
+        logp, stats, ent, _, _ = backend.grpo_fwd(
             logits, ids, mask, None, None, None, None, None, o, False, False, return_entropy, False, tile
         )
-        ctx.save_for_backward(logits, ids, mask, lse)
+        ctx.save_for_backward(logits, ids, mask, stats)
         ctx.meta = (temperature, impl, tile)
         ent = ent if ent is not None else logp.new_empty(0)
         ctx.mark_non_differentiable(ent)
@@ -29,10 +30,10 @@ class TokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ent):
-        logits, ids, mask, lse = ctx.saved_tensors
+        logits, ids, mask, stats = ctx.saved_tensors
         temperature, impl, tile = ctx.meta
         g = grad_logp * mask.to(grad_logp.dtype)
-        dx = backend_module(impl).grpo_grad(logits, ids, mask, lse, g, temperature, False, tile)
+        dx = backend_module(impl).grpo_grad(logits, ids, mask, stats, g, temperature, False, tile)
         return dx, None, None, None, None, None, None
 
 

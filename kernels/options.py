@@ -15,13 +15,15 @@ ADV_SCALES = ("group", "batch", "none")
 # TRL's vLLM importance-sampling correction modes (vllm_importance_sampling_mode), applied to the
 # behaviour / sampling log-probs; computed in torch (grpo_math.importance_weights), not in the kernels.
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
 class LossOptions:
     """Options of the GRPO loss (see DESIGN.md, "The loss").
 
-    temperature: logits are divided by it before the softmax.
+    temperature: logits are divided by it before the softmax (a true division, as eager torch does);
+        within [1e-6, 1e6], so the scaled logits stay finite in fp32.
     epsilon_low / epsilon_high: PPO clip range [1 - eps_low, 1 + eps_high].
     delta: optional upper bound on the unclipped ratio (TRL's two-sided clipping).
     dual_clip: optional c > 1; for A < 0 the surrogate is bounded below at c * A (verl).
@@ -61,6 +63,10 @@ class LossOptions:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
         positive("temperature", self.temperature)
+        lo, hi = TEMPERATURE_RANGE
+        if not (lo <= self.temperature <= hi):
+            # logits / tau must stay finite in fp32 for any sane logit (|x| <= 1e5 at tau = 1e-6 is 1e11)
+            raise ValueError(f"temperature must lie in [{lo:g}, {hi:g}], got {self.temperature}")
         positive("is_cap", self.is_cap)
         positive("delta", self.delta, allow_none=True)
         for name in ("epsilon_low", "epsilon_high", "beta"):

@@ -19,6 +19,10 @@ from .options import LossOptions
 _CHUNK_ELEMS = int(os.environ.get("RERULE_CHUNK_ELEMS", 1 << 24))
 
 
+# columns of the per-row statistics grpo_fwd returns and grpo_grad takes
+STATS_WIDTH = 3
+
+
 def _chunk_rows(V: int, chunk_rows: int | None) -> int:
     return chunk_rows or max(1, _CHUNK_ELEMS // max(V, 1))
 
@@ -31,27 +35,44 @@ def _chunks(rows: torch.Tensor, step: int):
 def _row_pass(x: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
     """One sweep over fp32 scaled rows x [n, V], which it overwrites with e = exp(x - max).
 
-    Returns (logp, lse, entropy or None, e, s) with s = sum(e): the softmax is e / s, so the
-    gradient needs no second exp(). logp and the entropy are taken relative to the row max, which
-    keeps them exact for huge logits (|x| ~ 1e4) where lse - x would cancel.
+    Returns (logp, stats, entropy or None, e) with stats [n, 3] = (m, s, q): the row max, s = sum(e)
+    and q = the sum of e without the label's term. The softmax is e / s, so the gradient needs no
+    second exp(), and 1 - p_label = q / s keeps its digits when the label holds nearly all the mass.
+    logp and the entropy are taken relative to the row max, which keeps them exact for huge logits
+    (|x| ~ 1e4) where lse - x would cancel.
     """
-    x_label = x.gather(1, labels.unsqueeze(1)).squeeze(1)
+    lab = labels.unsqueeze(1)
     m = x.amax(dim=-1, keepdim=True)
     # an all -inf (or +inf / NaN) row: shift by 0 and let the NaN surface in logp
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    x_label = x.gather(1, lab).squeeze(1)
     y = x.sub_(m)
+    y_label = y.gather(1, lab).squeeze(1)
+    # the rounding error of y_label = x_label - m (TwoSum), so that logp is rounded once, not twice
+    bb = y_label - x_label
+    y_err = (x_label - (y_label - bb)) + (-m.squeeze(1) - bb)
+    y_err = torch.nan_to_num(y_err, nan=0.0)
     t = None
     if return_entropy:
         ey = torch.exp(y)
         t = torch.where(ey > 0, ey * y, torch.zeros_like(y)).sum(-1)
         del ey
     e = y.exp_()
-    s = e.sum(-1)
+    e_label = e.gather(1, lab).squeeze(1)
+    q = e.scatter(1, lab, 0.0).sum(-1)
+    s = q + e_label
     log_s = torch.log(s)
-    m = m.squeeze(1)
-    logp = (x_label - m) - log_s
+    logp = label_logp(y_label, y_err, e_label, s, q, log_s)
     ent = log_s - t / s if return_entropy else None
-    return logp, m + log_s, ent, e, s
+    return logp, torch.stack([m.squeeze(1), s, q], dim=1), ent, e
+
+
+def label_logp(y_label, y_err, e_label, s, q, log_s):
+    """log p_label = y_label + (y_err - log(s)), one rounding of x_label - max - log s (y_err is the
+    rounding error of y_label), or -log1p(q / e_label) where the label holds nearly all the mass (there
+    log(s) rounds s = 1 + tiny and loses the digits; log1p keeps them)."""
+    z = q / e_label
+    return torch.where(z < 1e-3, -torch.log1p(z), y_label + (y_err - log_s))
 
 
 def _grad_buffer(logits, inplace, valid):
@@ -83,7 +104,7 @@ class _Workspace:
         self.scratch = None
         self.step = min(step, max(rows.numel(), 1))
 
-    def load(self, r, inv_tau):
+    def load(self, r, tau):
         n = r.numel()
         r0 = int(r[0])
         if self.direct_ok and int(r[-1]) - r0 + 1 == n:
@@ -97,11 +118,12 @@ class _Workspace:
             w = self.scratch[:n]
             w.copy_(self.flat.index_select(0, r) if self.flat.dtype != torch.float32 else self.flat[r])
             direct = False
-        return (w.mul_(inv_tau) if inv_tau != 1.0 else w), direct
+        # a true division, as eager torch does it (x * fp32(1 / tau) would round twice)
+        return (w.div_(tau) if tau != 1.0 else w), direct
 
-    def store(self, r, w, direct, labels, coef):
-        """w holds -coef * softmax; add coef at the label and land it in the gradient buffer."""
-        w.scatter_add_(1, labels.unsqueeze(1), coef.unsqueeze(1))
+    def store(self, r, w, direct, labels, label_value):
+        """w holds -coef * softmax; set the label's entry to coef * (1 - p) and land it in the buffer."""
+        w.scatter_(1, labels.unsqueeze(1), label_value.unsqueeze(1))
         if not direct:
             self.dx_flat.index_copy_(0, r, w.to(self.dx_flat.dtype))
 
@@ -118,7 +140,7 @@ def grpo_fwd(
     ids_f, valid = ids.reshape(-1), mask.reshape(-1) != 0
     rows = valid.nonzero().squeeze(1)
     f32 = dict(dtype=torch.float32, device=logits.device)
-    logp, lse = torch.zeros(B * T, **f32), torch.zeros(B * T, **f32)
+    logp, stats = torch.zeros(B * T, **f32), torch.zeros(B * T, 3, **f32)
     ent = torch.zeros(B * T, **f32) if return_entropy else None
     loss_tok = torch.zeros(B * T, **f32) if fused_loss else None
     dx = dx_flat = None
@@ -127,12 +149,12 @@ def grpo_fwd(
         dx, dx_flat = _grad_buffer(logits, inplace, valid)
     step = _chunk_rows(V, chunk_rows)
     ws = _Workspace(flat, dx_flat, rows, step)
-    inv_tau = 1.0 / o.temperature
+    tau = float(o.temperature)
     for r in _chunks(rows, step):
-        w, direct = ws.load(r, inv_tau)
+        w, direct = ws.load(r, tau)
         labels = ids_f.index_select(0, r)
-        c_logp, c_lse, c_ent, e, c_s = _row_pass(w, labels, return_entropy)
-        logp[r], lse[r] = c_logp, c_lse
+        c_logp, c_stats, c_ent, e = _row_pass(w, labels, return_entropy)
+        logp[r], stats[r] = c_logp, c_stats
         if return_entropy:
             ent[r] = c_ent
         if fused_loss:
@@ -143,19 +165,22 @@ def grpo_fwd(
             )
             loss_tok[r] = c_loss
             if grad:
-                coef = c_g * inv_tau
-                ws.store(r, e.mul_((-coef / c_s).unsqueeze(1)), direct, labels, coef)
+                c = (c_g / tau) / c_stats[:, 1]
+                ws.store(r, e.mul_(-c.unsqueeze(1)), direct, labels, c * c_stats[:, 2])
     shape = (B, T)
     return (
         logp.view(shape),
-        lse.view(shape),
+        stats.view(B, T, 3),
         None if ent is None else ent.view(shape),
         None if loss_tok is None else loss_tok.view(shape),
         dx,
     )
 
 
-def grpo_grad(logits, ids, mask, lse, g, temperature: float, inplace: bool, chunk_rows: int | None = None):
+def grpo_grad(logits, ids, mask, stats, g, temperature: float, inplace: bool, chunk_rows: int | None = None):
+    """dlogits = g / tau * (onehot - softmax), from ``stats`` [B, T, 3] = (max, sum, sum without the label)
+    that ``grpo_fwd`` returned for the same logits: p = exp(x - max) / sum, relative to the kept max
+    (exp(x - lse) from an fp32 lse would lose the digits that lse's rounding takes at |x| ~ 1e4)."""
     B, T, V = logits.shape
     flat = logits.reshape(B * T, V)
     valid = mask.reshape(-1) != 0
@@ -163,11 +188,12 @@ def grpo_grad(logits, ids, mask, lse, g, temperature: float, inplace: bool, chun
     dx, dx_flat = _grad_buffer(logits, inplace, valid)
     step = _chunk_rows(V, chunk_rows)
     ws = _Workspace(flat, dx_flat, rows, step)
-    inv_tau = 1.0 / temperature
-    ids_f, lse_f, g_f = ids.reshape(-1), lse.reshape(-1), g.reshape(-1).to(torch.float32)
+    tau = float(temperature)
+    ids_f, st_f, g_f = ids.reshape(-1), stats.reshape(-1, 3), g.reshape(-1).to(torch.float32)
     for r in _chunks(rows, step):
-        w, direct = ws.load(r, inv_tau)
-        coef = g_f.index_select(0, r) * inv_tau
-        p = w.sub_(lse_f.index_select(0, r).unsqueeze(1)).exp_()
-        ws.store(r, p.mul_(-coef.unsqueeze(1)), direct, ids_f.index_select(0, r), coef)
+        w, direct = ws.load(r, tau)
+        st = st_f.index_select(0, r)
+        c = (g_f.index_select(0, r) / tau) / st[:, 1]
+        p = w.sub_(st[:, 0:1]).exp_()
+        ws.store(r, p.mul_(-c.unsqueeze(1)), direct, ids_f.index_select(0, r), c * st[:, 2])
     return dx

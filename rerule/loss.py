@@ -114,9 +114,18 @@ def _check_logits_and_ids(logits, completion_ids, completion_mask):
 def _check_ids(completion_ids, completion_mask, B, T, V, device, like="logits"):
     """Checked (ids int64 [B, T], valid bool [B, T]); shared with fused_linear_grpo_loss."""
     _check_tensor("completion_ids", completion_ids, shape=(B, T), floating=False, device=device, like=like)
+    if completion_ids.dtype == torch.bool:
+        raise TypeError("completion_ids must be an integer tensor of token ids, got torch.bool")
     if completion_mask is None:
         completion_mask = torch.ones(B, T, dtype=torch.int32, device=device)
     _check_tensor("completion_mask", completion_mask, shape=(B, T), device=device, like=like)
+    if completion_mask.is_complex():
+        raise TypeError(f"completion_mask must be a bool, integer or float tensor of 0/1, got {completion_mask.dtype}")
+    # Binary only: a token is in the loss or not. A fractional weight (or a NaN) would otherwise be
+    # silently treated as 1 by the kernels; token weights belong in the advantages or the loss type.
+    if completion_mask.dtype != torch.bool and bool(((completion_mask != 0) & (completion_mask != 1)).any()):
+        bad = completion_mask[(completion_mask != 0) & (completion_mask != 1)][0].item()
+        raise ValueError(f"completion_mask must hold only 0 and 1 (1 = a real token), found {bad}")
     valid = completion_mask != 0
     ids = completion_ids.to(torch.int64)
     if ids.numel() and bool(((ids < 0) | (ids >= V)).any()):
@@ -166,10 +175,12 @@ def grpo_loss(
         logits: [B, T, V], any float dtype (math is fp32); row t scores completion token t.
             A view such as TRL's ``logits[:, :-1]`` works as long as V is the contiguous dim.
         completion_ids: [B, T] integer ids in [0, V).
-        completion_mask: [B, T], nonzero = real token (default: all ones).
+        completion_mask: [B, T] of 0/1 (or bool), 1 = real token (default: all ones). Anything else (a
+            fractional weight, a NaN) is a ValueError: per-token weights are not part of the loss.
         advantages: [B]; or pass ``rewards`` [B] and ``group_size`` to compute them here
             (``group_advantages(rewards, group_size, scale_rewards)``).
         old_logps: [B, T] log-probs of the proximal policy; None = detached current (ratio 1).
+            old/behavior/ref log-probs are constants of the loss: one that requires grad is a ValueError.
         behavior_logps: [B, T] log-probs of the policy that sampled the tokens (a replay buffer's
             behaviour policy, or vLLM's sampling log-probs); gives the detached weight w on the
             policy term, by default w = min(exp(old - behavior), is_cap).
@@ -189,7 +200,7 @@ def grpo_loss(
             use_bias_correction_kl, DeepSeek-V3.2's unbiased reverse-KL gradient).
         is_weight_kl: let w also weigh the KL term (for replayed off-policy tokens, whose k3
             gradient is unbounded where the current policy moved away from the token).
-        ref_logps: [B, T] reference log-probs for the k3 KL (needed when beta > 0).
+        ref_logps: [B, T] reference log-probs for the k3 KL (needed when beta > 0); <= 0 where the mask is 1.
         temperature, epsilon_low, epsilon_high, delta, dual_clip, beta, loss_type,
         importance_sampling_level, is_cap: see ``LossOptions``.
         max_completion_length: dr_grpo's normalizer length (default T).
@@ -202,7 +213,8 @@ def grpo_loss(
             weights: no extra pass over the gradient.
         return_entropy: also return per-token entropies.
         inplace: write the gradient into the logits buffer (saves one [B, T, V] buffer; the
-            caller's logits are overwritten when a gradient is needed).
+            caller's logits are overwritten when a gradient is needed). Bad logits are then caught by an
+            extra read before anything is overwritten.
         impl: "auto" (Triton on CUDA, torch on CPU), "triton", "torch" or "cuda".
 
     Returns:
@@ -236,6 +248,10 @@ def grpo_loss(
         raise ValueError("inplace=True needs logits with a contiguous vocab dimension")
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     mask = valid.to(torch.int32).contiguous()
+    if inplace and logits.requires_grad and torch.is_grad_enabled():
+        # everything that can fail after the kernel is checked before it overwrites the logits
+        _check_finite(torch.zeros(B, T, device=device), valid, adv, old, beh, ref)
+        _check_logits_before_overwrite(x, ids, valid)
 
     loss, logp, ent = fused_grpo_loss(
         x, ids, mask, adv, old, beh, ref, o, impl, max_completion_length, num_items_in_batch,
@@ -272,8 +288,20 @@ def _loss_inputs(B, T, device, valid, advantages, rewards, group_size, scale_rew
             raise TypeError("max_completion_length must be an int")
         if max_completion_length < T:
             raise ValueError(f"max_completion_length={max_completion_length} is shorter than T={T}")
-    if num_items_in_batch is not None and not (float(num_items_in_batch) > 0):
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() != 1:
+            raise ValueError(
+                "num_items_in_batch must be a number or a one-element tensor (the global token count), got a "
+                f"tensor of shape {tuple(num_items_in_batch.shape)}"
+            )
+        if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"num_items_in_batch must be a number, got {type(num_items_in_batch).__name__}")
+        if not (float(num_items_in_batch) > 0):
+            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    for name, t in (("old_logps", old_logps), ("behavior_logps", behavior_logps), ("ref_logps", ref_logps)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            # the loss treats these as constants: a gradient would silently never reach them
+            raise ValueError(f"{name} requires grad, but the loss treats it as a constant: pass {name}.detach()")
     old = _canonical("old_logps", old_logps, B, T, device, valid, like)
     beh = _canonical("behavior_logps", behavior_logps, B, T, device, valid, like)
     ref = _canonical("ref_logps", ref_logps, B, T, device, valid, like)
@@ -347,10 +375,27 @@ def _check_finite(logp, valid, adv, old, beh, ref, source=_LOGITS_NOT_FINITE):
         if t is not None:
             names.append(name)
             checks.append(torch.isfinite(torch.where(valid, t, 0.0)).all())
+    if ref is not None:
+        checks.append((torch.where(valid, ref, 0.0) <= 0).all())
     ok = torch.stack(checks).cpu()
     if not bool(ok.all()):
         bad = [n for n, good in zip(names, ok.tolist()) if not good]
-        raise ValueError(f"non-finite values where completion_mask is 1 in: {', '.join(bad)}")
+        if bad:
+            raise ValueError(f"non-finite values where completion_mask is 1 in: {', '.join(bad)}")
+        raise ValueError("ref_logps must be log-probabilities (<= 0) where completion_mask is 1, found a value > 0")
+
+
+def _check_logits_before_overwrite(x, ids, valid):
+    """inplace=True overwrites the logits with the gradient, so bad logits must be caught before: a NaN or
+    +inf logit in a row with mask 1, or -inf on the selected token (one extra read of the logits)."""
+    row_max = x.amax(dim=-1)  # NaN propagates through amax, +inf is the max
+    chosen = x.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    bad = valid & (row_max.isnan() | row_max.isposinf() | ~torch.isfinite(chosen))
+    if bool(bad.any()):
+        raise ValueError(
+            f"non-finite values where completion_mask is 1 in: {_LOGITS_NOT_FINITE} (checked before inplace=True "
+            "overwrote anything)"
+        )
 
 
 def token_logps(

@@ -31,17 +31,18 @@ def make_inputs(B, T, V, *, seed=0, scale=2.0, mask_p=0.25, off_policy=0.3, dtyp
         base = out.get("old_logps", cur)
         out["behavior_logps"] = base + 0.7 * torch.randn(B, T, generator=g)
     if ref:
-        out["ref_logps"] = cur + 0.5 * torch.randn(B, T, generator=g)
+        out["ref_logps"] = (cur + 0.5 * torch.randn(B, T, generator=g)).clamp(max=0.0)  # log-probs are <= 0
     return out
 
 
-def reference(inputs, **opts):
-    """fp64 reference loss, logps, entropy, metrics and d loss / d logits."""
+def reference(inputs, dtype=torch.float64, **opts):
+    """The spec's loss, logps, entropy, metrics and d loss / d logits, computed in ``dtype``: fp64 is
+    the truth; fp32 is what eager torch makes of the same input (the yardstick for a kernel's error)."""
     o = LossOptions(**{k: v for k, v in opts.items() if k in OPTION_KEYS})
-    x = inputs["logits"].detach().double().requires_grad_()
-    d = lambda k: None if inputs.get(k) is None else inputs[k].double()
+    x = inputs["logits"].detach().to(dtype).requires_grad_()
+    d = lambda k: None if inputs.get(k) is None else inputs[k].to(dtype)
     loss, logp, ent, metrics = grpo_loss_reference(
-        x, inputs["completion_ids"], inputs["completion_mask"], inputs["advantages"].double(),
+        x, inputs["completion_ids"], inputs["completion_mask"], inputs["advantages"].to(dtype),
         d("old_logps"), d("behavior_logps"), d("ref_logps"), o,
         opts.get("max_completion_length"), opts.get("num_items_in_batch"),
     )
@@ -49,6 +50,39 @@ def reference(inputs, **opts):
     return loss.detach(), logp, ent, metrics, x.grad
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-8)).item() if b.numel() else 0.0
+def assert_close(a, b, atol, rtol, what=""):
+    """Element-wise |a - b| <= atol + rtol * |b| (never normalized by a whole tensor's max)."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    bad = (a - b).abs() > atol + rtol * b.abs()
+    if bool(bad.any()):
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {b.numel()} elements off, first at {i}: {a[tuple(i)].item()!r} vs "
+            f"{b[tuple(i)].item()!r} (atol={atol}, rtol={rtol})"
+        )
+
+
+def scaled_err(a, r, scale=1.0, size=None):
+    """max_i |a_i - r_i| / (1 + size_i) of a against the truth r after multiplying both by ``scale``;
+    size = |r| by default (element-wise: a 3e-4 error at logp -6.9 counts as 4e-5, not as 3e-8)."""
+    a, r = torch.as_tensor(a).double() * scale, torch.as_tensor(r).double() * scale
+    if r.numel() == 0:
+        return 0.0
+    size = r.abs() if size is None else size.double() * scale
+    return ((a - r).abs() / (1.0 + size)).max().item()
+
+
+def assert_like_eager(ours, eager, truth, what="", scale=1.0, floor=1e-6, factor=2.0):
+    """The kernel rule: error(ours) <= factor * error(eager torch, same input, same dtype) + floor,
+    both measured by ``scaled_err`` against the fp64 truth."""
+    e_ours, e_eager = scaled_err(ours, truth, scale), scaled_err(eager, truth, scale)
+    assert e_ours <= factor * e_eager + floor, f"{what}: error {e_ours:.3g} vs eager {e_eager:.3g}"
+
+
+def assert_grad_close(a, b, tol, what="grad", tokens=None):
+    """Gradients element-wise at atol = rtol = ``tol`` after multiplying by the token count (a GRPO
+    gradient element is O(1 / tokens); times the count it is O(1), so a fixed atol means the same
+    everywhere)."""
+    n = tokens if tokens is not None else (a.shape[0] * a.shape[1] if a.dim() >= 2 else 1)
+    assert_close(a.double() * n, b.double() * n, tol, tol, what)

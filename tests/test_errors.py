@@ -78,3 +78,76 @@ def test_token_logps_errors():
         token_logps(torch.randn(2, 3, 5), torch.full((2, 3), 5))
     with pytest.raises(ValueError, match="temperature"):
         token_logps(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), temperature=-1.0)
+
+
+BAD_VALUES = [
+    ("mask-nan", dict(completion_mask=torch.tensor([[1.0, float("nan"), 1.0]] * 4)), ValueError, "completion_mask"),
+    ("mask-fractional", dict(completion_mask=torch.full((4, 3), 0.5)), ValueError, "completion_mask"),
+    ("mask-two", dict(completion_mask=torch.full((4, 3), 2, dtype=torch.long)), ValueError, "completion_mask"),
+    ("ids-bool", dict(completion_ids=torch.ones(4, 3, dtype=torch.bool)), TypeError, "completion_ids"),
+    ("old-requires-grad", dict(old_logps=torch.zeros(4, 3, requires_grad=True)), ValueError, "old_logps.*detach"),
+    ("beh-requires-grad", dict(behavior_logps=torch.zeros(4, 3, requires_grad=True)), ValueError, "behavior_logps"),
+    ("ref-positive", dict(ref_logps=torch.full((4, 3), 0.5), beta=0.1), ValueError, "ref_logps"),
+    ("temperature-tiny", dict(temperature=1e-40), ValueError, "temperature"),
+    ("temperature-huge", dict(temperature=1e30), ValueError, "temperature"),
+    ("num-items-2", dict(loss_type="dapo", num_items_in_batch=torch.tensor([3.0, 4.0])), ValueError,
+     "num_items_in_batch"),
+    ("num-items-str", dict(loss_type="dapo", num_items_in_batch="7"), TypeError, "num_items_in_batch"),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("name,override,exc,match", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_values(name, override, exc, match, impl):
+    kw = _ok()
+    kw.update(override)
+    with pytest.raises(exc, match=match):
+        grpo_loss(**kw, impl=impl)
+
+
+def test_bool_mask_and_masked_positive_ref_are_fine():
+    kw = _ok()
+    kw["completion_mask"] = torch.ones(4, 3, dtype=torch.bool)
+    kw["completion_mask"][0, 0] = False
+    ref = torch.full((4, 3), -1.0)
+    ref[0, 0] = 3.0  # under mask 0: never read
+    out = grpo_loss(**kw, ref_logps=ref, beta=0.1)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("where", ["nan", "inf", "label-neg-inf"])
+def test_inplace_checks_before_overwriting(impl, where):
+    kw = _ok()
+    x = kw.pop("logits").requires_grad_()
+    with torch.no_grad():
+        if where == "label-neg-inf":
+            x[1, 2, kw["completion_ids"][1, 2]] = float("-inf")
+        else:
+            x[1, 2, 4] = float(where)
+    before = x.detach().clone()
+    with pytest.raises(ValueError, match="logits"):
+        grpo_loss(x, **kw, impl=impl, inplace=True)
+    assert torch.equal(x.detach().nan_to_num(), before.nan_to_num())  # untouched
+
+
+def test_inplace_checks_log_prob_inputs_before_overwriting():
+    kw = _ok()
+    x = kw.pop("logits").requires_grad_()
+    before = x.detach().clone()
+    with pytest.raises(ValueError, match="ref_logps"):
+        grpo_loss(x, **kw, ref_logps=torch.full((4, 3), 0.5), beta=0.1, inplace=True)
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("value", ["3000", "100", "32768", "abc", "8"])
+def test_block_v_env_is_validated(value, monkeypatch):
+    monkeypatch.setenv("RERULE_BLOCK_V", value)
+    with pytest.raises(ValueError, match="RERULE_BLOCK_V"):
+        grpo_loss(**_ok(), impl="triton")
+
+
+def test_grid_env_is_validated(monkeypatch):
+    monkeypatch.setenv("RERULE_GRID", "-1")
+    with pytest.raises(ValueError, match="RERULE_GRID"):
+        grpo_loss(**_ok(), impl="triton")

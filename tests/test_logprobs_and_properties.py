@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from rerule import grpo_loss, token_logps
 from rerule.kernels.reference import token_logps_reference
-from tests._grpo_cases import make_inputs, reference, rel_err
+from tests._grpo_cases import assert_close, assert_grad_close, make_inputs, reference
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -28,9 +28,9 @@ def test_token_logps_values_and_grad(impl, shape, monkeypatch):
     x = x64.float().requires_grad_()
     lp, ent = token_logps(x, ids, mask, temperature=0.9, return_entropy=True, impl=impl)
     (lp * up.float()).sum().backward()
-    assert rel_err(lp, lp_r) < 2e-6
-    assert rel_err(ent, ent_r.detach()) < 2e-5
-    assert rel_err(x.grad, xr.grad) < 2e-5
+    assert_close(lp, lp_r, 2e-6, 2e-6, "logps")
+    assert_close(ent, ent_r.detach(), 2e-5, 2e-5, "entropy")
+    assert_close(x.grad, xr.grad, 2e-6, 2e-5, "grad")
     assert (x.grad[mask == 0] == 0).all()
 
 
@@ -61,8 +61,8 @@ def _property(impl, B, T, V, opts, flags, seed):
     out.loss.backward()
     assert torch.isfinite(x.grad).all()
     assert abs(out.loss.item() - expected[0].item()) <= 2e-5 * max(1.0, abs(expected[0].item()))
-    assert rel_err(x.grad, expected[4]) < 2e-5
-    assert rel_err(out.logps, expected[1]) < 2e-5
+    assert_grad_close(x.grad, expected[4], 2e-5)
+    assert_close(out.logps, expected[1], 2e-5, 2e-5, "logps")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

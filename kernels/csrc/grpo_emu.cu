@@ -69,12 +69,12 @@ void fwd_emu(const RerGrpoArgs& a) {
     const int64_t label = a.ids[row];
     const RowLayout L = row_layout<T>(px, a.V);
     for (int tid = 0; tid < nth; ++tid)
-      parts[tid] = sweep1<T, ENT>(px, L, tid, nth, a.inv_tau, cache.data(), cache_n, !grad);
+      parts[tid] = sweep1<T, ENT>(px, L, tid, nth, a.tau, cache.data(), cache_n, !grad);
     const Partial p = block_merge_emu<ENT>(parts);
-    const RowStats st = finish_row(a, tp, row, b, p, label_x(px, label, a.V, a.inv_tau));
+    const RowStats st = finish_row(a, tp, row, b, p, label_x(px, label, a.V, a.tau));
     if (grad)
       for (int tid = 0; tid < nth; ++tid)
-        sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.inv_tau, st.shift, st.log_s, st.coef, label,
+        sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.tau, st.shift, st.log_s, st.coef, label,
                   cache.data(), cache_n);
   }
 }
@@ -90,8 +90,8 @@ void grad_emu(const RerGrpoGradArgs& a) {
       if (a.mask[row] == 0)
         zero_row<T>(pdx, row_layout<T>(pdx, a.V), tid, nth);
       else
-        sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.inv_tau, a.lse[row], 0.f,
-                  a.g[row] * a.inv_tau, a.ids[row], nullptr, 0);
+        sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.tau, a.row_max[row], a.row_log_s[row],
+                  a.g[row] / a.tau, a.ids[row], nullptr, 0);
     }
   }
 }

@@ -73,14 +73,14 @@ __global__ void __launch_bounds__(1024) grpo_fwd_kernel(const FwdParams P) {
     }
     const int64_t label = a.ids[row];
     const RowLayout L = row_layout<T>(px, a.V);
-    Partial p = sweep1<T, ENT>(px, L, tid, nth, a.inv_tau, cache, P.cache_n, !grad);
+    Partial p = sweep1<T, ENT>(px, L, tid, nth, a.tau, cache, P.cache_n, !grad);
     p = block_merge<ENT>(p, red);
     // x[label] is read before the barrier below: with dlogits == logits, sweep 2 overwrites it
-    if (tid == 0) bcast = finish_row(a, P.tp, row, b, p, label_x(px, label, a.V, a.inv_tau));
+    if (tid == 0) bcast = finish_row(a, P.tp, row, b, p, label_x(px, label, a.V, a.tau));
     if (grad) {
       __syncthreads();
       const RowStats st = bcast;
-      sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.inv_tau, st.shift, st.log_s, st.coef, label,
+      sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.tau, st.shift, st.log_s, st.coef, label,
                 cache, P.cache_n);
     }
     // red / bcast are rewritten by the next row
@@ -99,8 +99,8 @@ __global__ void __launch_bounds__(1024) grpo_grad_kernel(const RerGrpoGradArgs a
       zero_row<T>(pdx, row_layout<T>(pdx, a.V), tid, nth);
       continue;
     }
-    sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.inv_tau, a.lse[row], 0.f,
-              a.g[row] * a.inv_tau, a.ids[row], nullptr, 0);
+    sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.tau, a.row_max[row], a.row_log_s[row],
+              a.g[row] / a.tau, a.ids[row], nullptr, 0);
   }
 }
 

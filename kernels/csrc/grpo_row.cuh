@@ -9,7 +9,7 @@
 //            the first cache_n chunks are kept in shared memory for sweep 2.
 //   finish:  thread 0 turns the merged partial into lse / logp / entropy and the per-token GRPO
 //            terms, and the gradient scale coef = rw * dloss/dlogp / tau.
-//   sweep 2: dlogits = coef * (onehot - exp(x - lse)), from shared memory where cached.
+//   sweep 2: dlogits = coef * (onehot - exp((x - max) - log s)), from shared memory where cached.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -68,27 +68,27 @@ RER_HD __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <>
 RER_HD __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// y[k] = float(element k) * scale; element 2i is the low half of word i (little endian).
-RER_HD void unpack(const Pack<float>& p, float (&y)[4], float scale) {
+// y[k] = float(element k) / tau (a true division, as eager torch); element 2i is the low half of word i.
+RER_HD void unpack(const Pack<float>& p, float (&y)[4], float tau) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) y[i] = bits_f(p.w[i]) * scale;
+  for (int i = 0; i < 4; ++i) y[i] = bits_f(p.w[i]) / tau;
 }
-RER_HD void unpack(const Pack<__nv_bfloat16>& p, float (&y)[8], float scale) {
+RER_HD void unpack(const Pack<__nv_bfloat16>& p, float (&y)[8], float tau) {
   // bf16 is the top half of an fp32: exact, as __bfloat162float
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    y[2 * i] = bits_f(p.w[i] << 16) * scale;
-    y[2 * i + 1] = bits_f(p.w[i] & 0xffff0000u) * scale;
+    y[2 * i] = bits_f(p.w[i] << 16) / tau;
+    y[2 * i + 1] = bits_f(p.w[i] & 0xffff0000u) / tau;
   }
 }
-RER_HD void unpack(const Pack<__half>& p, float (&y)[8], float scale) {
+RER_HD void unpack(const Pack<__half>& p, float (&y)[8], float tau) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     __half2 h;
     memcpy(static_cast<void*>(&h), &p.w[i], 4);
     const float2 f = __half22float2(h);
-    y[2 * i] = f.x * scale;
-    y[2 * i + 1] = f.y * scale;
+    y[2 * i] = f.x / tau;
+    y[2 * i + 1] = f.y / tau;
   }
 }
 
@@ -220,13 +220,13 @@ RER_HD Partial partial_merge(const Partial& a, const Partial& b) {
 
 // Sweep 1 of one thread over its share of the row px[0, V).
 template <typename T, bool ENT>
-RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float inv_tau, Pack<T>* cache,
+RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float tau, Pack<T>* cache,
                       int64_t cache_n, bool stream_all) {
   constexpr int W = Pack<T>::W;
   constexpr int U = 4;  // independent 16-byte loads in flight per thread
   Partial P = partial_init();
   if (tid < L.head) {
-    const float y[1] = {to_f(px[tid]) * inv_tau};
+    const float y[1] = {to_f(px[tid]) / tau};
     partial_add<1, ENT>(P, y);
   }
   const T* body = px + L.head;
@@ -243,21 +243,21 @@ RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float i
       if (j < L.nvec) {
         if (j < cache_n) cache[j] = pk[u];
         float y[W];
-        unpack(pk[u], y, inv_tau);
+        unpack(pk[u], y, tau);
         partial_add<W, ENT>(P, y);
       }
     }
   }
   if (tid < L.tail) {
-    const float y[1] = {to_f(px[L.head + L.nvec * W + tid]) * inv_tau};
+    const float y[1] = {to_f(px[L.head + L.nvec * W + tid]) / tau};
     partial_add<1, ENT>(P, y);
   }
   return P;
 }
 
 // d = coef * (onehot - p), written as Triton writes it: coef - p * coef on the label, -p * coef
-// elsewhere; y = x / tau and p = exp((y - shift) - log_s) with shift + log_s = lse. The fused
-// kernel passes shift = the row max: y - max is exact where it matters, while lse itself is
+// elsewhere; y = x / tau and p = exp((y - shift) - log_s) with shift + log_s = lse. Both kernels
+// pass shift = the row max: y - max is exact where it matters, while lse itself is
 // rounded to the ulp of the max (5e-4 at |x| ~ 1e4), which would show in every p of the row.
 RER_HD float grad_elem(float y, int64_t e, int64_t label, float shift, float log_s, float coef) {
   const float p = fast_exp((y - shift) - log_s);
@@ -267,13 +267,13 @@ RER_HD float grad_elem(float y, int64_t e, int64_t label, float shift, float log
 // Sweep 2 of one thread: its chunks last-to-first, so the uncached end of the row, the part
 // loaded most recently in sweep 1, is re-read while it is most likely still in L2.
 template <typename T>
-RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int tid, int nth, float inv_tau,
+RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int tid, int nth, float tau,
                    float shift, float log_s, float coef, int64_t label, const Pack<T>* cache, int64_t cache_n) {
   constexpr int W = Pack<T>::W;
   constexpr int U = 4;
   if (tid < L.tail) {
     const int64_t e = L.head + L.nvec * W + tid;
-    pdx[e] = from_f<T>(grad_elem(to_f(px[e]) * inv_tau, e, label, shift, log_s, coef));
+    pdx[e] = from_f<T>(grad_elem(to_f(px[e]) / tau, e, label, shift, log_s, coef));
   }
   if (tid < L.nvec) {
     const T* body = px + L.head;
@@ -292,7 +292,7 @@ RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int 
         const int64_t j = tid + (k0 - u) * nth;
         const int64_t e0 = L.head + j * W;
         float d[W];
-        unpack(pk[u], d, inv_tau);
+        unpack(pk[u], d, tau);
 #pragma unroll
         for (int k = 0; k < W; ++k) d[k] = grad_elem(d[k], e0 + k, label, shift, log_s, coef);
         if (vec_store) {
@@ -306,7 +306,7 @@ RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int 
       }
     }
   }
-  if (tid < L.head) pdx[tid] = from_f<T>(grad_elem(to_f(px[tid]) * inv_tau, tid, label, shift, log_s, coef));
+  if (tid < L.head) pdx[tid] = from_f<T>(grad_elem(to_f(px[tid]) / tau, tid, label, shift, log_s, coef));
 }
 
 // One thread's share of a zero gradient row (masked rows); L is the layout of pdx itself.
@@ -323,6 +323,7 @@ struct TokenParams {
   float lo, hi, delta, dual_c, beta, is_cap;
   bool has_delta, has_dual;
   bool kl_is;  // bias-corrected KL: the k3 term times the unclipped ratio r (Triton's KL_IS)
+  bool w_kl;   // is_weight_kl: the behaviour weight w multiplies the KL term too (Triton's W_KL)
 };
 
 struct TokenTerms {
@@ -357,12 +358,13 @@ RER_HD TokenTerms token_terms(float logp, float adv, float old, bool has_beh, fl
   TokenTerms out{-w * sur, -w * ds};
   if (has_ref) {
     const float e = expf(ref - logp);
+    const float bw = p.w_kl ? p.beta * w : p.beta;
     if (p.kl_is) {
-      out.loss += p.beta * r * (e - (ref - logp) - 1.f);
-      out.dl += p.beta * r * (logp - ref);
+      out.loss += bw * r * (e - (ref - logp) - 1.f);
+      out.dl += bw * r * (logp - ref);
     } else {
-      out.loss += p.beta * (e - (ref - logp) - 1.f);
-      out.dl += p.beta * (1.f - e);
+      out.loss += bw * (e - (ref - logp) - 1.f);
+      out.dl += bw * (1.f - e);
     }
   }
   return out;
@@ -370,7 +372,7 @@ RER_HD TokenTerms token_terms(float logp, float adv, float old, bool has_beh, fl
 
 inline TokenParams token_params(const RerGrpoArgs& a) {
   return TokenParams{a.clip_lo, a.clip_hi, a.delta, a.dual_clip, a.beta, a.is_cap,
-                     a.has_delta != 0, a.has_dual != 0, a.bias_correction_kl != 0};
+                     a.has_delta != 0, a.has_dual != 0, a.bias_correction_kl != 0, a.is_weight_kl != 0};
 }
 
 struct RowStats {
@@ -386,6 +388,8 @@ RER_HD RowStats finish_row(const RerGrpoArgs& a, const TokenParams& tp, int64_t 
   const float logp = (x_label - st.shift) - st.log_s;
   a.logp[row] = logp;
   a.lse[row] = st.shift + st.log_s;
+  if (a.row_max) a.row_max[row] = st.shift;
+  if (a.row_log_s) a.row_log_s[row] = st.log_s;
   if (a.return_entropy) a.entropy[row] = st.log_s - P.t / P.s;
   if (!a.fused_loss) return st;
   const float old = a.old_logp ? a.old_logp[row] : logp;
@@ -393,21 +397,23 @@ RER_HD RowStats finish_row(const RerGrpoArgs& a, const TokenParams& tp, int64_t 
   const TokenTerms tt = token_terms(logp, a.adv[b], old, a.beh_logp != nullptr, a.beh_logp ? a.beh_logp[row] : 0.f,
                                     has_ref, has_ref ? a.ref_logp[row] : 0.f, tp);
   a.loss_tok[row] = tt.loss;
-  st.coef = a.rw[row] * tt.dl * a.inv_tau;
+  st.coef = a.rw[row] * tt.dl / a.tau;
   return st;
 }
 
 RER_HD void finish_masked_row(const RerGrpoArgs& a, int64_t row) {
   a.logp[row] = 0.f;
   a.lse[row] = 0.f;
+  if (a.row_max) a.row_max[row] = 0.f;
+  if (a.row_log_s) a.row_log_s[row] = 0.f;
   if (a.return_entropy) a.entropy[row] = 0.f;
   if (a.fused_loss) a.loss_tok[row] = 0.f;
 }
 
 // The label's x, or NaN for an id outside [0, V) (never an out-of-bounds read).
 template <typename T>
-RER_HD float label_x(const T* px, int64_t label, int64_t V, float inv_tau) {
-  return (label >= 0 && label < V) ? to_f(px[label]) * inv_tau : NAN;
+RER_HD float label_x(const T* px, int64_t label, int64_t V, float tau) {
+  return (label >= 0 && label < V) ? to_f(px[label]) / tau : NAN;
 }
 
 // ---- host-side policy and checks (shared by the library and the emulator) ----
@@ -445,14 +451,14 @@ inline bool rows_disjoint(int64_t B, int64_t T, int64_t V, int64_t sb, int64_t s
 }
 
 inline const char* check_rows(int32_t dtype, int64_t B, int64_t T, int64_t V, const void* logits, int64_t sb,
-                              int64_t st, float inv_tau, int32_t threads, const int64_t* ids, const int32_t* mask) {
+                              int64_t st, float tau, int32_t threads, const int64_t* ids, const int32_t* mask) {
   if (dtype != RERULE_DTYPE_F32 && dtype != RERULE_DTYPE_F16 && dtype != RERULE_DTYPE_BF16)
     return "dtype must be RERULE_DTYPE_F32 (0), _F16 (1) or _BF16 (2)";
   if (B < 0 || T < 0) return "B and T must be >= 0";
   if (V < 1 || V > (int64_t(1) << 40)) return "V must be in [1, 2^40]";
   if (B > 0 && T > INT64_MAX / B) return "B * T overflows int64";
   if (sb < 0 || st < 0) return "logits strides must be >= 0";
-  if (!(inv_tau > 0.f) || std::isinf(inv_tau)) return "inv_tau must be finite and > 0";
+  if (!(tau > 0.f) || std::isinf(tau)) return "tau must be finite and > 0";
   if (threads != 0 && (threads < 32 || threads > 1024 || threads % 32 != 0))
     return "threads must be 0 (auto) or a multiple of 32 in [32, 1024]";
   if (B * T == 0) return nullptr;
@@ -469,7 +475,7 @@ inline const char* check_dx(int32_t dtype, int64_t B, int64_t T, int64_t V, cons
 }
 
 inline const char* check_fwd(const RerGrpoArgs& a) {
-  if (const char* e = check_rows(a.dtype, a.B, a.T, a.V, a.logits, a.stride_b, a.stride_t, a.inv_tau, a.threads,
+  if (const char* e = check_rows(a.dtype, a.B, a.T, a.V, a.logits, a.stride_b, a.stride_t, a.tau, a.threads,
                                  a.ids, a.mask))
     return e;
   if (a.compute_grad && !a.fused_loss) return "compute_grad needs fused_loss";
@@ -482,11 +488,11 @@ inline const char* check_fwd(const RerGrpoArgs& a) {
 }
 
 inline const char* check_grad(const RerGrpoGradArgs& a) {
-  if (const char* e = check_rows(a.dtype, a.B, a.T, a.V, a.logits, a.stride_b, a.stride_t, a.inv_tau, a.threads,
+  if (const char* e = check_rows(a.dtype, a.B, a.T, a.V, a.logits, a.stride_b, a.stride_t, a.tau, a.threads,
                                  a.ids, a.mask))
     return e;
   if (a.B * a.T == 0) return nullptr;
-  if (!a.lse || !a.g) return "lse and g must not be NULL";
+  if (!a.row_max || !a.row_log_s || !a.g) return "row_max, row_log_s and g must not be NULL";
   return check_dx(a.dtype, a.B, a.T, a.V, a.dlogits, a.stride_db, a.stride_dt);
 }
 

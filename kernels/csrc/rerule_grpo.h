@@ -31,8 +31,10 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below or a function signature changes (2: bias_correction_kl, which
- * left sizeof(RerGrpoArgs) unchanged, so only the version tells the layouts apart). */
-#define RERULE_CUDA_ABI_VERSION 2
+ * left sizeof(RerGrpoArgs) unchanged, so only the version tells the layouts apart; 3: tau instead of
+ * 1 / tau, is_weight_kl, the row max / log-sum outputs and the gradient kernel's row_max / row_log_s
+ * inputs in place of lse). */
+#define RERULE_CUDA_ABI_VERSION 3
 
 /* dtype codes of the logits (and of dlogits, which always has the logits dtype). */
 #define RERULE_DTYPE_F32 0
@@ -53,13 +55,15 @@ typedef struct RerGrpoArgs {
   const float* ref_logp;   /* [N] or NULL: NULL means no KL term */
   float* logp;             /* [N] out */
   float* lse;              /* [N] out: logsumexp(logits / tau) */
+  float* row_max;          /* [N] out or NULL: max of logits / tau (0 for an all -inf row) */
+  float* row_log_s;        /* [N] out or NULL: log sum exp(logits / tau - row_max); lse = row_max + row_log_s */
   float* entropy;          /* [N] out, return_entropy only */
   float* loss_tok;         /* [N] out, fused_loss only */
   int64_t B, T, V;
   int64_t stride_b, stride_t;
   int64_t stride_db, stride_dt;
   int64_t cache_bytes;     /* shared-memory row cache for the gradient sweep: -1 auto, 0 off, > 0 a cap */
-  float inv_tau;           /* 1 / temperature */
+  float tau;               /* temperature: logits are divided by it (a true division, as eager torch) */
   float clip_lo, clip_hi;  /* 1 - epsilon_low, 1 + epsilon_high */
   float delta;             /* used when has_delta */
   float dual_clip;         /* used when has_dual */
@@ -68,6 +72,7 @@ typedef struct RerGrpoArgs {
   int32_t dtype;           /* RERULE_DTYPE_* */
   int32_t has_delta, has_dual;
   int32_t bias_correction_kl; /* k3 KL term (and its gradient) times exp(logp - old), unclipped */
+  int32_t is_weight_kl;    /* the behaviour weight w also multiplies the KL term */
   int32_t fused_loss;      /* compute loss_tok (token-level GRPO terms) */
   int32_t compute_grad;    /* write dlogits (needs fused_loss) */
   int32_t return_entropy;
@@ -75,19 +80,20 @@ typedef struct RerGrpoArgs {
   int32_t device;          /* CUDA device ordinal of every pointer (ignored by the host emulator) */
 } RerGrpoArgs;
 
-/* Arguments of rerule_grpo_grad: dlogits = g * (onehot(ids) - exp(logits / tau - lse)) / tau,
+/* Arguments of rerule_grpo_grad: dlogits = g * (onehot(ids) - softmax(logits / tau)) / tau,
  * zero rows where mask is 0. */
 typedef struct RerGrpoGradArgs {
   const void* logits;      /* [B, T, V], strides (stride_b, stride_t, 1) */
   void* dlogits;           /* [B, T, V], strides (stride_db, stride_dt, 1); may equal logits */
   const int64_t* ids;      /* [N] */
   const int32_t* mask;     /* [N] */
-  const float* lse;        /* [N] from rerule_grpo_fwd */
+  const float* row_max;    /* [N] from rerule_grpo_fwd: p = exp((x / tau - row_max) - row_log_s), relative */
+  const float* row_log_s;  /* [N]    to the kept max, never through a rounded lse (exact at |x| ~ 1e4) */
   const float* g;          /* [N] d loss / d logp */
   int64_t B, T, V;
   int64_t stride_b, stride_t;
   int64_t stride_db, stride_dt;
-  float inv_tau;
+  float tau;
   int32_t dtype;
   int32_t threads;
   int32_t device;
