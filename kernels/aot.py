@@ -121,7 +121,7 @@ def fwd_spec(dtype="bf16", V=151936, T=512, block_v=None, options="all", fused=T
         sig[k] = "fp32"
     constexprs = {k: options == "all" for k in _FWD_OPTS}
     constexprs.update(FUSED_LOSS=fused, COMPUTE_GRAD=grad, RETURN_ENT=ent, DX_ALIGNED=dx_aligned, BLOCK_V=bv,
-                      ALIGN=16 // (_BITS[dtype] // 8), TAU_ONE=tau_one)
+                      ALIGN=16 // (_BITS[dtype] // 8), TAU_ONE=tau_one, ROWS_ALIGNED=V % (128 // _BITS[dtype]) == 0)
     divisible = [k for k, v in sig.items() if v.startswith("*")]
     _ints(None, sig, constexprs, divisible, dict(stride_xb=T * V, stride_xt=V, stride_dxb=T * V, stride_dxt=V,
                                                   N=8 * T, T=T, V=V))
@@ -136,7 +136,8 @@ def grad_spec(dtype="bf16", V=151936, T=512, block_v=None, dx_aligned=True, tau_
     bv = block_v or max(BLOCK_V_RANGE[0], min(1 << (V - 1).bit_length(), 4096))
     sig = {"X": _ptr(dtype), "DX": _ptr(dtype), "IDS": "*i64", "MASK": "*i32", "STATS": "*fp32", "G": "*fp32",
            "tau": "fp32"}
-    constexprs = dict(DX_ALIGNED=dx_aligned, BLOCK_V=bv, ALIGN=16 // (_BITS[dtype] // 8), TAU_ONE=tau_one)
+    constexprs = dict(DX_ALIGNED=dx_aligned, BLOCK_V=bv, ALIGN=16 // (_BITS[dtype] // 8), TAU_ONE=tau_one,
+                      ROWS_ALIGNED=V % (128 // _BITS[dtype]) == 0)
     divisible = [k for k, v in sig.items() if v.startswith("*")]
     _ints(None, sig, constexprs, divisible, dict(stride_xb=T * V, stride_xt=V, stride_dxb=T * V, stride_dxt=V,
                                                   N=8 * T, T=T, V=V))

@@ -48,6 +48,16 @@ def _scale(x, tau, TAU_ONE: tl.constexpr):
 
 
 @triton.jit
+def _head(off, V, ALIGN: tl.constexpr, ROWS_ALIGNED: tl.constexpr):
+    """Elements before the first 16-byte boundary of a row (0 when every row starts aligned: then the
+    compiler also knows the tail's mask is constant over whole vectors, and the tail is vectorized)."""
+    if ROWS_ALIGNED:
+        return tl.zeros([], tl.int32)
+    else:
+        return tl.minimum((ALIGN - off % ALIGN) % ALIGN, V).to(tl.int32)
+
+
+@triton.jit
 def _lse_block(b_x, is_lab, m, q, t, s_all, RETURN_ENT: tl.constexpr):
     """Fold one block of x = logits / tau into the online state (m, q, t, s_all) of a row.
 
@@ -182,6 +192,7 @@ def _grpo_fwd_kernel(
     HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, KL_IS: tl.constexpr, W_KL: tl.constexpr,
     FUSED_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, RETURN_ENT: tl.constexpr,
     DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, TAU_ONE: tl.constexpr,
+    ROWS_ALIGNED: tl.constexpr,
 ):
     # Persistent grid: program p takes rows p, p + P, p + 2P, ... (P = the grid size, chosen on the
     # host so that the rows in flight fit in L2 and the gradient sweep re-reads its row from there).
@@ -190,7 +201,7 @@ def _grpo_fwd_kernel(
             i_n, X, stride_xb, stride_xt, IDS, MASK, ADV, RW, OLD, BEH, REF, LOGP, STATS, ENT, LOSS,
             DX, stride_dxb, stride_dxt, T, V, tau, lo, hi, delta, dual_c, beta, is_cap,
             HAS_OLD, HAS_BEH, HAS_REF, HAS_DELTA, HAS_DUAL, KL_IS, W_KL, FUSED_LOSS, COMPUTE_GRAD, RETURN_ENT,
-            DX_ALIGNED, BLOCK_V, ALIGN, TAU_ONE,
+            DX_ALIGNED, BLOCK_V, ALIGN, TAU_ONE, ROWS_ALIGNED,
         )
 
 
@@ -202,6 +213,7 @@ def _fwd_row(
     HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, KL_IS: tl.constexpr, W_KL: tl.constexpr,
     FUSED_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, RETURN_ENT: tl.constexpr,
     DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, TAU_ONE: tl.constexpr,
+    ROWS_ALIGNED: tl.constexpr,
 ):
     i_b = i_n // T
     i_t = i_n % T
@@ -209,7 +221,7 @@ def _fwd_row(
     off_dx = i_b * stride_dxb + i_t * stride_dxt
     if tl.load(MASK + i_n) != 0:
         label = tl.load(IDS + i_n).to(tl.int64)
-        head = tl.minimum((ALIGN - off % ALIGN) % ALIGN, V).to(tl.int32)
+        head = _head(off, V, ALIGN, ROWS_ALIGNED)
         m, s, q, y_label, y_err, ent = _row_stats(X, off, head, label, V, tau, RETURN_ENT, BLOCK_V, ALIGN, TAU_ONE)
         logp = _label_logp(y_label, y_err, s, q)
         tl.store(LOGP + i_n, logp)
@@ -282,6 +294,7 @@ def _grpo_grad_kernel(
     DX, stride_dxb, stride_dxt,
     N, T, V, tau,
     DX_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, TAU_ONE: tl.constexpr,
+    ROWS_ALIGNED: tl.constexpr,
 ):
     for i_n in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         i_b = i_n // T
@@ -290,7 +303,7 @@ def _grpo_grad_kernel(
         off_dx = i_b * stride_dxb + i_t * stride_dxt
         if tl.load(MASK + i_n) != 0:
             label = tl.load(IDS + i_n).to(tl.int64)
-            head = tl.minimum((ALIGN - off % ALIGN) % ALIGN, V).to(tl.int32)
+            head = _head(off, V, ALIGN, ROWS_ALIGNED)
             _row_grad(X, off, DX, off_dx, head, label, tl.load(STATS + 3 * i_n), tl.load(STATS + 3 * i_n + 1),
                       tl.load(STATS + 3 * i_n + 2), tl.load(G + i_n), V, tau, DX_ALIGNED, BLOCK_V, ALIGN, TAU_ONE)
         else:
@@ -364,6 +377,11 @@ def _grid(N: int, row_bytes: int, device: torch.device) -> int:
 def _align(t: torch.Tensor) -> int:
     """Elements per 16 bytes of ``t``'s dtype: the vector width of a 128-bit load."""
     return max(1, 16 // t.element_size())
+
+
+def _rows_aligned(x: torch.Tensor, align: int) -> bool:
+    """Whether every row of x starts on a 16-byte boundary (then no row has a head to peel)."""
+    return x.data_ptr() % 16 == 0 and x.stride(0) % align == 0 and x.stride(1) % align == 0
 
 
 def _dx_aligned(x: torch.Tensor, dx: torch.Tensor, align: int) -> bool:
@@ -442,6 +460,7 @@ def grpo_fwd(
             W_KL=o.is_weight_kl and beh is not None,
             FUSED_LOSS=fused_loss, COMPUTE_GRAD=compute_grad, RETURN_ENT=return_entropy,
             DX_ALIGNED=_dx_aligned(logits, dx, align), BLOCK_V=BLOCK_V, ALIGN=align, TAU_ONE=o.temperature == 1.0,
+            ROWS_ALIGNED=_rows_aligned(logits, align),
             num_warps=_num_warps(BLOCK_V),
         )
     shape = (B, T)
@@ -471,6 +490,7 @@ def grpo_grad(logits, ids, mask, stats, g, temperature: float, inplace: bool, bl
             dx, dx.stride(0), dx.stride(1),
             B * T, T, V, float(temperature),
             DX_ALIGNED=_dx_aligned(logits, dx, align), BLOCK_V=BLOCK_V, ALIGN=align, TAU_ONE=temperature == 1.0,
+            ROWS_ALIGNED=_rows_aligned(logits, align),
             num_warps=_num_warps(BLOCK_V),
         )
     return dx
