@@ -16,6 +16,7 @@ offline, model type, data fields, the output directory) print one line; ``--debu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
@@ -138,6 +139,9 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> list[dict]:
     config = load_config(args.config, extra)
     if args.eval_max_examples is not None and args.eval_max_examples < 1:
         raise ValueError(f"--eval-max-examples must be >= 1, got {args.eval_max_examples}")
+    if config.tensorboard == "on" and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("tensorboard=on but tensorboard is not installed: pip install tensorboard (or "
+                         "pip install -e '.[tensorboard]' in the clone), or --tensorboard off")
     if int(os.environ.get("RANK", "0")) == 0:  # one process prepares the directory of a launched run
         prepare_output_dir(config.output_dir, args.resume, args.overwrite)
     from rerule.trainer import Trainer

@@ -438,7 +438,9 @@ class Trainer:
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
             except ImportError:
                 if self.config.tensorboard == "on":
-                    raise ValueError("tensorboard=on but tensorboard is not installed") from None
+                    raise ValueError("tensorboard=on but tensorboard is not installed: pip install tensorboard "
+                                     "(or pip install -e '.[tensorboard]' in the clone)") from None
+                log.info("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
         (self.out_dir / "run_info.json").write_text(
             json.dumps(
                 {
