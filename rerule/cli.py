@@ -229,6 +229,18 @@ def _demo_overrides(args: argparse.Namespace, extra: list[str]) -> None:
         args.config = str(find_config(args.config))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever ``sys.stderr`` is at the time of the record (not the stream of the first call)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
 
 
@@ -236,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
     # rouge-score logs "Using default tokenizer." at INFO on every scorer it builds.
     logging.getLogger("absl").setLevel(logging.WARNING)
     parser = build_parser()

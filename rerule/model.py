@@ -238,11 +238,14 @@ def resolve_pretrained(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None
 
 
-def _pretrained_error(what: str, name: str, e: Exception) -> ValueError:
+def _pretrained_error(what: str, name: str, e: Exception, local: bool = False) -> ValueError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if "model_type" in str(e) or "Unrecognized" in str(e):
         return ValueError(f"{what} {name!r}: transformers does not know this model type ({first[:160]}); "
                           f"upgrade transformers or pass trust_remote_code (model.trust_remote_code: true)")
+    if local:
+        return ValueError(f"{what} {name!r} cannot be loaded from its folder ({type(e).__name__}: {first[:160]}); "
+                          f"is it a complete save_pretrained folder (config, weights, tokenizer files)?")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     hint = ("HF_HUB_OFFLINE is set: download it first or pass a local folder" if offline
             else "not a local path, and the hub could not serve it (offline? wrong id?): pass a local folder, a "
@@ -262,11 +265,19 @@ def load_pretrained(name_or_path: str, tokenizer: str | None = None, *, dtype=No
             raise ValueError(f"model {name_or_path!r} is a GGUF file: pip install gguf")
         if name_or_path in SMOLLM2_NAMES:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the file
+    local = Path(where).is_dir()
+    if local and not gguf:
+        from transformers import AutoConfig
+
+        try:  # the model type first: an unknown one is the clearest error
+            AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as e:
+            raise _pretrained_error("model", name_or_path, e, local) from None
     try:
         tok = AutoTokenizer.from_pretrained(tok_where, trust_remote_code=trust_remote_code,
                                             **({"gguf_file": tok_gguf} if tok_gguf else {}))  # fmt: skip
     except (OSError, ValueError, KeyError) as e:
-        raise _pretrained_error("tokenizer", tokenizer or name_or_path, e) from None
+        raise _pretrained_error("tokenizer", tokenizer or name_or_path, e, Path(tok_where).is_dir()) from None
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -277,7 +288,7 @@ def load_pretrained(name_or_path: str, tokenizer: str | None = None, *, dtype=No
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise _pretrained_error("model", name_or_path, e) from None
+        raise _pretrained_error("model", name_or_path, e, local) from None
     if gguf:
         # Dequantized on load: without the GGUF quantizer attached the model saves as a plain checkpoint.
         model.hf_quantizer = None
