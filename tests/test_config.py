@@ -165,9 +165,8 @@ def test_train_help_lists_sections_and_keys(capsys):
 
 
 def test_demo_accepts_both_override_forms(monkeypatch):
-    from rerule import cli
-
     import rerule.demo
+    from rerule import cli
 
     seen = {}
     monkeypatch.setattr(rerule.demo, "run_demo", lambda args: seen.update(vars(args)))

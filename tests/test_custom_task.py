@@ -98,8 +98,8 @@ def test_errors_name_file_line_field(tmp_path, name, content, match):
 def test_parquet_error_names_row(tmp_path):
     import pandas as pd
 
-    pd.DataFrame([{"question": "q", "answer": "a", "subject": "s"}, {"question": "q", "answer": None,
-                                                                     "subject": "s"}]).to_parquet(tmp_path / "forget.parquet")  # fmt: skip
+    rows = [{"question": "q", "answer": "a", "subject": "s"}, {"question": "q", "answer": None, "subject": "s"}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "forget.parquet")
     with pytest.raises(ValueError, match=r"forget\.parquet: row 1: field 'answer' is missing"):
         load_task("custom", data_dir=tmp_path)
 

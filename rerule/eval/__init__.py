@@ -19,7 +19,8 @@ _EXPORTS = {
     "min_k_prob": "metrics", "model_utility": "metrics", "privleak": "metrics", "rouge_l": "metrics",
     "truth_ratio": "metrics", "truth_ratio_stat": "metrics",
     "answer_logprobs": "model_io", "generate_greedy": "model_io", "mean_logprob": "model_io",
-    "evaluate_custom": "custom", "evaluate_muse": "muse", "evaluate_rwku": "rwku", "evaluate_synthetic": "synthetic", "evaluate_tofu": "tofu",
+    "evaluate_custom": "custom",
+    "evaluate_muse": "muse", "evaluate_rwku": "rwku", "evaluate_synthetic": "synthetic", "evaluate_tofu": "tofu",
     "REFUSAL_PATTERNS": "refusal", "is_refusal": "refusal", "refusal_rate": "refusal",
 }
 _EVALUATOR_NAMES = {"tofu": "evaluate_tofu", "muse": "evaluate_muse", "rwku": "evaluate_rwku",
