@@ -71,6 +71,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
         help="RULE / ReRULE training",
+        usage="rerule train [--config CONFIG] [--resume [{must,auto}]] [--overwrite] [--describe] "
+              "[--eval-max-examples N] [--no-report] [--debug] [--SECTION.KEY VALUE | --set SECTION.KEY=VALUE ...]",
         description=__doc__,
         epilog=_config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

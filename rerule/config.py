@@ -137,7 +137,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = _help(f"benchmark, one of {TASKS} (resolved by rerule.data.load_task); custom: your own "
-                      "forget / boundary / retain files (docs/custom_data.md)", "synthetic")
+                      "forget / boundary / retain files (schema: rerule.data.custom, README)", "synthetic")
     forget: str | None = _help("forget split: TOFU forget01/05/10, MUSE books/news; custom: a hub dataset id "
                                "(when data_dir is None)", None)
     data_dir: str | None = _help("local directory of the benchmark's files (None: the hub); custom: a folder "
