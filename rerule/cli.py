@@ -101,11 +101,13 @@ def load_config(config: str | None, extra: list[str]) -> TrainConfig:
 
 def prepare_output_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory; check it is writable (before any model is loaded)."""
-    from rerule.checkpoint import check_writable
+    from rerule.checkpoint import check_writable, list_checkpoints
 
     out = Path(out)
     present = [name for name in RUN_FILES if (out / name).exists()]
-    if present and not resume:
+    # --resume auto with nothing to resume starts a fresh run: the same rule as no --resume.
+    fresh = not resume or (resume == "auto" and not list_checkpoints(out / "checkpoints"))
+    if present and fresh:
         if not overwrite:
             raise ValueError(
                 f"output_dir {str(out)!r} already holds a run ({', '.join(present)}): pass --resume to continue "

@@ -149,6 +149,11 @@ def test_second_run_resume_overwrite_and_damaged_checkpoints(tmp_path, capsys, c
     assert cli.main(["train", "--config", cfg, "--resume", "auto", "--no-report"]) == 0
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2]
+    # --resume auto where a run left files but no checkpoint: a fresh start, so the same rule applies.
+    (out / "checkpoints").rename(out / "moved")
+    assert cli.main(["train", "--config", cfg, "--resume", "auto", "--no-report"]) == 2
+    assert "already holds a run" in _err(capsys)
+    (out / "moved").rename(out / "checkpoints")
     # A second run into the same directory is refused ...
     assert cli.main(["train", "--config", cfg, "--no-report"]) == 2
     line = _err(capsys)

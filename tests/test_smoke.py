@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rerule import cli
 from rerule.config import TrainConfig
 
@@ -14,6 +16,7 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
+@pytest.mark.slow
 def test_smoke_config_learns(tmp_path, capsys):
     out = tmp_path / "smoke"
     cfg = TrainConfig.from_yaml("smoke")
