@@ -129,14 +129,15 @@ def test_train_then_eval_a_custom_task(tmp_path, capsys):
     common = ["--task.name", "custom", "--task.data_dir", str(data)]
     argv = ["train", "--config", "smoke", *common, "--output_dir", str(out), "--steps", "2", "--eval_every", "1",
             "--warm_start.epochs", "1", "--rollout.prompts_per_step", "2", "--rollout.max_new_tokens", "4",
-            "--rollout.group_size", "2", "--progress", "off", "--tensorboard", "off"]  # fmt: skip
+            "--rollout.group_size", "2", "--progress", "off", "--tensorboard", "off",
+            "--eval-max-examples", "2"]  # fmt: skip
     assert cli.main(argv) == 0
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"eval/forget_refusal_rate", "eval/boundary_quality", "eval/retain_quality"} <= set(rows[0])
     assert (out / "report" / "reward.png").is_file() and (out / "report" / "summary.md").is_file()
     report = tmp_path / "eval.json"
     argv = ["eval", "--config", "smoke", *common, "--model", str(out / "checkpoints" / "step-000002"),
-            "--out", str(report), "--max-new-tokens", "4", "--no-progress"]  # fmt: skip
+            "--out", str(report), "--max-new-tokens", "4", "--max-examples", "2", "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0
     metrics = json.loads(report.read_text())["metrics"]
     assert set(metrics) == {"forget_leak", "forget_refusal_rate", "boundary_quality", "boundary_over_refusal",
