@@ -1,8 +1,15 @@
 """Training configuration: nested dataclasses with help text, validated on construction.
 
 Every field carries its help string in ``field(metadata={"help": ...})``; ``describe()`` prints them.
-A config is built from a YAML file (``TrainConfig.from_yaml``), from a dict (``from_dict``), and
-overridden by dotted keys (``apply_overrides({"replay.cap": 1.5})``, the CLI's ``--replay.cap 1.5``).
+A config is built from a YAML file (``TrainConfig.from_yaml``; a shipped config is found by name:
+``tiny_synthetic``, ``smoke``, ``default``), from a dict (``from_dict``), and overridden by dotted keys
+(``apply_overrides({"replay.cap": 1.5})``, the CLI's ``--replay.cap 1.5`` or ``--set replay.cap=1.5``).
+YAML files and override values are read by OmegaConf (``1e-3`` is a float, ``[a, b]`` a list, ``null``
+None); this module then checks every key against the dataclasses (unknown keys get a "did you mean")
+and every value against its type. ``on`` / ``off`` (which YAML reads as booleans) are accepted for
+the string switches (``tensorboard``, ``model.liger``, ``rollout.chat_template``), and ``on`` / ``off`` /
+``yes`` / ``no`` for booleans. Setting ``task.name`` to another task drops the file's ``task.forget``,
+``task.data_dir`` and ``task.kwargs`` (they belong to the old task) unless they are set alongside.
 Validation runs in ``__post_init__``, so a bad config fails before any data or model is loaded.
 
 Defaults are RULE's published settings where they apply (group 8, temperature 1.0, k3 KL 1e-2,
@@ -30,7 +37,8 @@ import yaml
 
 from rerule.kernels.options import ADV_SCALES, IS_LEVELS, LOSS_TYPES, LossOptions
 
-TASKS = ("synthetic", "tofu", "muse", "rwku")
+TASKS = ("synthetic", "tofu", "muse", "rwku", "custom")
+CONFIG_DIR = Path(__file__).parent / "configs"
 # "auto": by task (rwku -> two_stage_target, muse / tofu / synthetic -> two_stage); RULE's own names also work.
 REWARD_VARIANTS = (
     "auto", "two_stage", "two_stage_target", "forget", "forget_abs", "forget_half_reject", "forget_abs_half_reject",
@@ -134,10 +142,15 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = _help(f"benchmark, one of {TASKS} (resolved by rerule.data.load_task)", "synthetic")
-    forget: str | None = _help("forget split: TOFU forget01/05/10, MUSE books/news", None)
-    data_dir: str | None = _help("local directory of the benchmark's files (None: the hub)", None)
-    kwargs: dict = _help("extra loader arguments, e.g. {hardness: 0.8, seed: 0} for synthetic", factory=dict)
+    name: str = _help(f"benchmark, one of {TASKS} (resolved by rerule.data.load_task); custom: your own "
+                      "forget / boundary / retain files (schema: rerule.data.custom, README)", "synthetic")
+    forget: str | None = _help("forget split: TOFU forget01/05/10, MUSE books/news; custom: a hub dataset id "
+                               "(when data_dir is None)", None)
+    data_dir: str | None = _help("local directory of the benchmark's files (None: the hub); custom: a folder "
+                                 "of forget/boundary/retain .jsonl/.csv/.parquet files or a datasets folder",
+                                 None)
+    kwargs: dict = _help("extra loader arguments, e.g. {hardness: 0.8, seed: 0} for synthetic; custom: "
+                         "{forget: f.jsonl, boundary: b.csv, retain: r.parquet} (paths)", factory=dict)
 
     def __post_init__(self):
         _choice("task.name", self.name, TASKS)
@@ -145,6 +158,9 @@ class TaskConfig:
         if self.data_dir is not None:
             msg = f"{self.data_dir!r} does not exist (missing data: fetch it, or drop data_dir)"
             _check(Path(self.data_dir).is_dir(), "task.data_dir", msg)
+        if self.name == "custom" and self.data_dir is None and not self.forget and "forget" not in self.kwargs:
+            raise ValueError("config: task.name=custom needs task.data_dir (a folder with forget.jsonl ...), "
+                             "task.kwargs.forget (a file) or task.forget (a hub dataset id)")
 
 
 @dataclass
@@ -378,34 +394,85 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
-        for key, value in (overrides or {}).items():
-            _set_dotted(data, key, value)
-        return cls.from_dict(data)
+        """Build from a YAML file (a path, or the name of a shipped config) and dotted overrides."""
+        data = load_yaml(path)
+        return cls.from_dict(merge_overrides(data, overrides or {}))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def apply_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
         """A new config with dotted keys replaced; strings are parsed as YAML ('1e-3', 'true', '[a, b]')."""
-        data = self.to_dict()
-        for key, value in overrides.items():
-            _set_dotted(data, key, value)
-        return TrainConfig.from_dict(data)
+        return TrainConfig.from_dict(merge_overrides(self.to_dict(), overrides))
+
+
+def find_config(name: str | Path) -> Path:
+    """A YAML path as given, or a shipped config by name (``tiny_synthetic``, ``smoke.yaml`` ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for cand in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if not path.parent.parts and cand.is_file():
+            return cand
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "accelerate_fsdp"))
+    raise ValueError(f"config file {str(name)!r} does not exist (shipped configs, usable by name: {shipped})")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML file (or shipped config name) as a plain dict, read by OmegaConf (interpolations resolved)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = find_config(path)
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def parse_value(value):
+    """A command-line value as OmegaConf reads it: ``'1e-3'`` -> 0.001, ``'[a, b]'`` -> list, ``'off'`` -> False."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        node = OmegaConf.from_dotlist([f"v={value}"])
+        out = OmegaConf.to_container(node, resolve=True)["v"]
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError):
+        return value
+    return out
+
+
+def merge_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """``data`` with dotted ``overrides`` applied (values parsed as on the command line). A new
+    ``task.name`` resets the task's other keys that are not overridden too."""
+    data = dict(data)
+    overrides = {ALIASES.get(k, k) if "." not in k else k: v for k, v in overrides.items()}
+    if "task.name" in overrides:
+        task = data.get("task") or {}
+        new = parse_value(overrides["task.name"])
+        if isinstance(task, dict) and task.get("name", TaskConfig.name) != new:
+            data["task"] = {}
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    return data
 
 
 def _set_dotted(data: dict, key: str, value):
-    if isinstance(value, str):
-        value = yaml.safe_load(value) if value.strip() else value
+    value = parse_value(value)
     parts = key.split(".")
     node = data
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        child = node.get(p)
+        node[p] = child = dict(child) if isinstance(child, dict) else ({} if child is None else child)
+        node = child
         if not isinstance(node, dict):
             raise ValueError(f"config: cannot set {key!r}: {p!r} is not a section")
     node[parts[-1]] = value
@@ -432,6 +499,10 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+_BOOL_WORDS = {"true": True, "false": False, "on": True, "off": False, "yes": True, "no": False, "1": True,
+               "0": False}
+
+
 def _coerce(value, hint, name):
     """Light type checking: ints become floats where a float is expected; wrong kinds raise."""
     args = typing.get_args(hint)
@@ -456,11 +527,23 @@ def _coerce(value, hint, name):
             return value
         if t is bool and isinstance(value, bool):
             return value
+        if t is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         if t is str and isinstance(value, str):
             return value
+        if t is str and isinstance(value, bool):
+            # YAML 1.1 reads on/off/yes/no as booleans; the string switches spell them on/off.
+            return "on" if value else "off"
         if t in (dict, tuple, list) and isinstance(value, (dict, list, tuple)):
             return tuple(value) if t is tuple else value
     raise ValueError(f"config: {name} must be of type {hint}, got {value!r}")
+
+
+def sections(cls=TrainConfig) -> list[tuple[str, str]]:
+    """(name, help) of every config section (for ``--help``)."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    return [(f.name, f.metadata.get("help", "")) for f in fields if dataclasses.is_dataclass(hints[f.name])]
 
 
 def describe(cls=TrainConfig, prefix: str = "") -> list[str]:

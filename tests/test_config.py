@@ -88,3 +88,90 @@ def test_bad_config_errors_before_model_loads(monkeypatch):
     task = NS(forget=[NS(prompt="a", answer="", subject="s", source="forget")], boundary=[])
     with pytest.raises(ValueError, match="prompts_per_step"):
         Trainer(TrainConfig.from_dict({"rollout": {"prompts_per_step": 2}}), task=task)
+
+
+# --- one configuration system (YAML + dotted overrides) for train, eval and demo ------------------------
+
+
+def test_on_off_values_for_switches_and_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tensorboard: on\nmodel: {liger: off}\nrollout: {chat_template: off}\nprogress: off\n")
+    c = TrainConfig.from_yaml(path)
+    assert (c.tensorboard, c.model.liger, c.rollout.chat_template, c.progress) == ("on", "off", "off", False)
+    c = c.apply_overrides({"tensorboard": "off", "model.liger": "on", "replay.enabled": "off", "progress": "yes"})
+    assert (c.tensorboard, c.model.liger, c.replay.enabled, c.progress) == ("off", "on", False, True)
+    with pytest.raises(ValueError, match="tensorboard must be one of"):
+        c.apply_overrides({"tensorboard": "maybe"})
+
+
+def test_shipped_configs_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the clone: found in the package
+    assert TrainConfig.from_yaml("smoke").output_dir == "runs/smoke"
+    assert TrainConfig.from_yaml("tiny_synthetic.yaml").task.name == "synthetic"
+    with pytest.raises(ValueError, match=r"does not exist \(shipped configs, usable by name: .*smoke"):
+        TrainConfig.from_yaml("smok")
+
+
+def test_task_switch_resets_the_task_arguments(tmp_path):
+    c = TrainConfig.from_yaml("tiny_synthetic", {"task.name": "tofu"})
+    assert c.task.kwargs == {} and c.task.name == "tofu"
+    c = TrainConfig.from_yaml("tiny_synthetic", {"task.name": "custom", "task.data_dir": str(tmp_path)})
+    assert c.task.kwargs == {} and c.task.data_dir == str(tmp_path)
+    same = TrainConfig.from_yaml("tiny_synthetic", {"task.name": "synthetic"})
+    assert same.task.kwargs["n_forget"] == 4  # same task: its arguments stay
+    with pytest.raises(ValueError, match="task.name=custom needs task.data_dir"):
+        TrainConfig.from_yaml("tiny_synthetic", {"task.name": "custom"})
+
+
+def test_one_override_syntax(tmp_path):
+    from rerule import cli
+
+    tokens = ["--replay.cap", "1.5", "--set", "optim.lr=1e-3", "--steps=3", "--set", "task.kwargs={seed: 2}",
+              "--progress"]  # fmt: skip
+    over = cli.parse_overrides(tokens)
+    c = TrainConfig.from_yaml("tiny_synthetic", over)
+    assert (c.replay.cap, c.optim.lr, c.steps, c.task.kwargs, c.progress) == (1.5, 1e-3, 3, {"seed": 2}, True)
+    with pytest.raises(ValueError, match="--set expects key=value"):
+        cli.parse_overrides(["--set", "steps"])
+
+
+def test_new_dataclass_fields_are_picked_up(monkeypatch):
+    """The parser reads the dataclasses: a field added to a section is settable with no parser change."""
+    import dataclasses
+
+    from rerule import config
+
+    @dataclasses.dataclass
+    class Extra(config.ReplayConfig):
+        sources: list = config._help("test field", factory=lambda: ["forget"])
+
+    hints = dict(config.TrainConfig.__annotations__)
+    monkeypatch.setattr(config.TrainConfig, "__annotations__", {**hints, "replay": Extra})
+    built = config._build(Extra, {"sources": ["forget", "boundary"], "cap": 1.5}, "replay.")
+    assert built.sources == ["forget", "boundary"] and built.cap == 1.5
+    assert any(line.startswith("sources (") for line in config.describe(Extra))
+
+
+def test_train_help_lists_sections_and_keys(capsys):
+    from rerule import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--set" in out and "--resume" in out and "--overwrite" in out and "help-config" not in out
+    for section in ("model", "task", "rollout", "replay", "warm_start", "distributed"):
+        assert f"\n  {section} " in out
+    assert "replay.cap (2.0)" in out and "tensorboard ('auto')" in out
+
+
+def test_demo_accepts_both_override_forms(monkeypatch):
+    import rerule.demo
+    from rerule import cli
+
+    seen = {}
+    monkeypatch.setattr(rerule.demo, "run_demo", lambda args: seen.update(vars(args)))
+    argv = ["demo", "--sweep", "--set", "sweep.seeds=[0]", "--set", "sweep.hardness=[0.2]", "--set",
+            "sweep.arms=[RULE]", "--out", "x", "--train.steps", "5", "--config", "demo"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert seen["set"] == ["sweep.seeds=[0]", "sweep.hardness=[0.2]", "sweep.arms=[RULE]", "train.steps=5"]
+    assert seen["sweep"] and seen["out"] == "x" and seen["config"].endswith("rerule/configs/demo.yaml")

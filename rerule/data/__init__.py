@@ -12,13 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rerule.data._hub import DataFormatError
+from rerule.data.custom import load_custom
 from rerule.data.muse import load_muse
 from rerule.data.rwku import load_rwku
 from rerule.data.schema import ProbeRecord, ProbeSet, PromptRecord, UnlearningTask
 from rerule.data.synthetic import synthetic_world
 from rerule.data.tofu import load_tofu
 
-BENCHMARKS = ("tofu", "muse", "rwku", "synthetic")
+BENCHMARKS = ("tofu", "muse", "rwku", "synthetic", "custom")
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -31,7 +32,8 @@ def load_task(
     """Load a benchmark into an :class:`UnlearningTask`.
 
     Args:
-        benchmark: "tofu", "muse", "rwku" or "synthetic".
+        benchmark: "tofu", "muse", "rwku", "synthetic" or "custom" (your own files:
+            ``rerule.data.custom``; ``forget`` is then a hub dataset id, used when ``data_dir`` is None).
         forget: the forget split where the benchmark has several: TOFU
             "forget01" | "forget05" | "forget10" (default "forget10"); MUSE
             "books" | "news" (default "books"). Ignored by RWKU and synthetic.
@@ -46,15 +48,22 @@ def load_task(
         >>> task.name
         'tofu/forget01'
     """
-    if benchmark == "tofu":
-        return load_tofu(forget or "forget10", data_dir, **kwargs)
-    if benchmark == "muse":
-        return load_muse(forget or "books", data_dir, **kwargs)
-    if benchmark == "rwku":
-        return load_rwku(data_dir=data_dir, **kwargs)
-    if benchmark == "synthetic":
-        return synthetic_world(**kwargs)
-    raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+    loaders = {
+        "tofu": lambda: load_tofu(forget or "forget10", data_dir, **kwargs),
+        "muse": lambda: load_muse(forget or "books", data_dir, **kwargs),
+        "rwku": lambda: load_rwku(data_dir=data_dir, **kwargs),
+        "synthetic": lambda: synthetic_world(**kwargs),
+        "custom": lambda: load_custom(data_dir=data_dir, hub_id=forget, **kwargs),
+    }
+    if benchmark not in loaders:
+        raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+    try:
+        return loaders[benchmark]()
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        # A task.kwargs key the loader does not take (often left over from another task's config).
+        raise ValueError(f"task {benchmark!r}: bad task.kwargs {sorted(kwargs)}: {e}") from None
 
 
 __all__ = [
@@ -65,6 +74,7 @@ __all__ = [
     "ProbeSet",
     "PromptRecord",
     "UnlearningTask",
+    "load_custom",
     "load_muse",
     "load_rwku",
     "load_task",

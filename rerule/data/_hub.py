@@ -88,7 +88,12 @@ def load_rows(
 
     if data_dir is None:
         origin = f"{hub_id}:{config}/{split}"
-        ds = datasets.load_dataset(hub_id, config, split=split)
+        try:
+            ds = datasets.load_dataset(hub_id, config, split=split)
+        except Exception as e:  # offline, unknown id, network: one line that says what to do
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"cannot load {origin} from the Hugging Face hub ({type(e).__name__}: {first}); "
+                             f"offline? download it and pass a local folder (--data-dir / task.data_dir)") from None
     else:
         path = resolve_local(data_dir, config, split)
         origin = str(path)

@@ -22,11 +22,12 @@ _EXPORTS = {
     "zlib_score": "metrics", "rouge_pkg_l": "rouge_pkg", "rouge_pkg_l_recall": "rouge_pkg",
     "DETECTORS": "refusal",
     "answer_logprobs": "model_io", "generate_greedy": "model_io", "mean_logprob": "model_io",
+    "evaluate_custom": "custom",
     "evaluate_muse": "muse", "evaluate_rwku": "rwku", "evaluate_synthetic": "synthetic", "evaluate_tofu": "tofu",
     "REFUSAL_PATTERNS": "refusal", "is_refusal": "refusal", "refusal_rate": "refusal",
 }
 _EVALUATOR_NAMES = {"tofu": "evaluate_tofu", "muse": "evaluate_muse", "rwku": "evaluate_rwku",
-                    "synthetic": "evaluate_synthetic"}
+                    "synthetic": "evaluate_synthetic", "custom": "evaluate_custom"}
 
 
 def __getattr__(name):

@@ -1,0 +1,39 @@
+"""Scores on a custom task (``rerule.data.custom``): whichever of forget / boundary / retain it has.
+
+- ``forget_refusal_rate``: share of forget questions refused (higher is better);
+- ``forget_leak``: mean ROUGE-L recall of the true answer in forget replies (lower);
+- ``boundary_quality``: mean ROUGE-L recall of the reference answer in boundary replies (higher);
+- ``boundary_over_refusal``: share of boundary questions refused (lower);
+- ``retain_quality`` / ``retain_refusal_rate``: the same on retain questions.
+
+The keys and their definitions are the synthetic world's (``rerule.eval.synthetic``), so a custom run and
+the demo read alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rerule.data.schema import UnlearningTask
+from rerule.eval.common import limit, probe_replies
+from rerule.eval.metrics import refusal_rate, rouge_l
+from rerule.eval.synthetic import KEYS
+
+
+def evaluate_custom(
+    model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
+    max_new_tokens: int | None = None, progress: bool = False, return_samples: bool = False,
+):  # fmt: skip
+    """Score ``model`` on a custom task (keys in the module doc; a set the task lacks is left out)."""
+    metrics, samples = {}, {}
+    for name, (quality_key, refusal_key) in KEYS.items():
+        probe = task.probes.get(name)
+        recs = limit(probe.records, max_examples) if probe is not None else []
+        if not recs:
+            continue
+        replies = probe_replies(model, tokenizer, probe, recs, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+        metrics[quality_key] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall))
+        metrics[refusal_key] = refusal_rate(replies)
+        samples[f"{name}_replies"] = replies
+    return (metrics, samples) if return_samples else metrics
