@@ -16,7 +16,7 @@ def test_defaults_are_rules_published_settings():
     assert (c.rollout.group_size, c.rollout.temperature) == (8, 1.0)
     assert (c.loss.beta, c.loss.epsilon_low, c.loss.epsilon_high, c.loss.dual_clip) == (1e-2, 0.2, 0.3, 3.0)
     assert (c.optim.lr, c.optim.weight_decay, c.optim.grad_clip) == (2e-6, 0.01, 1.0)
-    assert c.replay.advantages == "recomputed" and c.replay.sampling == "uniform"
+    assert c.replay.advantages == "consistent" and c.replay.sampling == "uniform"
     assert 1.0 <= c.replay.cap <= 2.0 and 0.5 <= c.replay.lam <= 1.0 and 10 <= c.replay.staleness <= 25
 
 
@@ -143,13 +143,13 @@ def test_new_dataclass_fields_are_picked_up(monkeypatch):
 
     @dataclasses.dataclass
     class Extra(config.ReplayConfig):
-        sources: list = config._help("test field", factory=lambda: ["forget"])
+        extra_sources: list = config._help("test field", factory=lambda: ["forget"])
 
     hints = dict(config.TrainConfig.__annotations__)
     monkeypatch.setattr(config.TrainConfig, "__annotations__", {**hints, "replay": Extra})
-    built = config._build(Extra, {"sources": ["forget", "boundary"], "cap": 1.5}, "replay.")
-    assert built.sources == ["forget", "boundary"] and built.cap == 1.5
-    assert any(line.startswith("sources (") for line in config.describe(Extra))
+    built = config._build(Extra, {"extra_sources": ["forget", "boundary"], "cap": 1.5}, "replay.")
+    assert built.extra_sources == ["forget", "boundary"] and built.cap == 1.5
+    assert any(line.startswith("extra_sources (") for line in config.describe(Extra))
 
 
 def test_train_help_lists_sections_and_keys(capsys):

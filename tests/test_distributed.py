@@ -136,7 +136,7 @@ def _rows(s, a: int, b: int):
         return None
     cut = lambda t: None if t is None else t[a:b]  # noqa: E731
     return UpdateSet(s.batch.rows(a, b, trim=False), s.advantages[a:b], s.rewards[a:b], cut(s.behavior),
-                     cut(s.ref), s.group_size)  # fmt: skip
+                     cut(s.ref), s.group_size, s.sources[a:b])  # fmt: skip
 
 
 def _loss_kw(loss_type):
@@ -160,7 +160,7 @@ def _grad_ranks(rank, out):
         model = dist.shard(model)
         forward = dist.wrap(model, hidden=impl == "fused_linear")
         fresh, rep = _sets(V)
-        update = PolicyUpdate(model, _loss_kw(loss_type), impl, "torch", None, MICRO, CAP, LAM, "recomputed",
+        update = PolicyUpdate(model, _loss_kw(loss_type), impl, "torch", None, MICRO, CAP, LAM, "consistent",
                               dist, forward)  # fmt: skip
         model.zero_grad(set_to_none=True)
         _, stats = update(_rows(fresh, *FRESH_SPLIT[rank]), _rows(rep, *REPLAY_SPLIT[loss_type][rank]))
