@@ -1,8 +1,8 @@
 """``rerule demo``: RULE vs ReRULE end to end on a CPU, with a report and plots.
 
-    rerule demo                          # ~3.5 min on 2 CPU cores; runs/demo/report.{json,md} + PNGs
+    rerule demo                          # ~1.5 min on 2 CPU cores (world cached); runs/demo/report.{json,md} + PNGs
     rerule demo --set train.steps=20     # any demo.yaml key, dotted
-    rerule demo --sweep                  # hardness x seeds, ReRULE's gain vs hardness (~25 min)
+    rerule demo --sweep                  # regimes x hardness x seeds at matched forgetting (~26 min)
     rerule demo --diagnose               # + the config's diagnostic arms (replay-loss ablations)
     rerule demo --model smollm2          # SmolLM2-135M-Instruct (make smollm2), slow on a CPU
 
@@ -377,7 +377,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default: out_dir of the config)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per arm (train.steps)")
     p.add_argument("--model", choices=KINDS, default="tiny", help="tiny (default) or smollm2")
-    p.add_argument("--sweep", action="store_true", help="hardness x seeds sweep instead of the single demo")
+    p.add_argument("--sweep", action="store_true", help="warm-start regime x hardness x seeds sweep (sweep section of the config) instead of the single demo")
     p.add_argument(
         "--diagnose",
         action="store_true",
