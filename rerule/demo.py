@@ -377,7 +377,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default: out_dir of the config)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per arm (train.steps)")
     p.add_argument("--model", choices=KINDS, default="tiny", help="tiny (default) or smollm2")
-    p.add_argument("--sweep", action="store_true", help="warm-start regime x hardness x seeds sweep (sweep section of the config) instead of the single demo")
+    p.add_argument("--sweep", action="store_true",
+                   help="warm-start regime x hardness x seeds sweep (the config's sweep section), not the single demo")
     p.add_argument(
         "--diagnose",
         action="store_true",
