@@ -188,7 +188,7 @@ def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None,
 
 
 def loss_metrics(logp, mask, adv, o: LossOptions, old=None, behavior=None, ref=None, weights=None) -> dict:
-    """The metrics dict of DESIGN.md from per-token scalars ([B, T]); O(B*T), no pass over logits.
+    """The metrics dict of docs/loss.md from per-token scalars ([B, T]); O(B*T), no pass over logits.
 
     ``weights`` = (w, outside) from ``importance_weights`` replaces the weight from ``behavior``.
     clip_ratio_low / high are means over unmasked tokens at token level and, as TRL logs them, means

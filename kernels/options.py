@@ -20,7 +20,7 @@ TEMPERATURE_RANGE = (1e-6, 1e6)
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Options of the GRPO loss (see DESIGN.md, "The loss").
+    """Options of the GRPO loss (see docs/loss.md).
 
     temperature: logits are divided by it before the softmax (a true division, as eager torch does);
         within [1e-6, 1e6], so the scaled logits stay finite in fp32.

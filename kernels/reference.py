@@ -1,4 +1,4 @@
-"""The spec: the GRPO loss of DESIGN.md in plain torch autograd.
+"""The spec: the GRPO loss of docs/loss.md in plain torch autograd.
 
 This file is the definition every backend (torch-chunked, Triton, CUDA) must match.
 It holds whole [B, T, V] tensors in the compute dtype and is written for clarity,

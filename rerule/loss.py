@@ -1,6 +1,6 @@
 """Public loss API: argument checks, backend dispatch, outputs.
 
-``grpo_loss`` computes the GRPO / ReRULE loss of DESIGN.md from logits; the math is defined by
+``grpo_loss`` computes the GRPO / ReRULE loss of docs/loss.md from logits; the math is defined by
 ``rerule.kernels.reference.grpo_loss_reference`` and every backend is tested against it.
 """
 
@@ -169,7 +169,7 @@ def grpo_loss(
     inplace: bool = False,
     impl: str = "auto",
 ) -> GRPOLossOutput:
-    """The fused GRPO loss (DESIGN.md, "The loss") over completion logits.
+    """The fused GRPO loss (docs/loss.md) over completion logits.
 
     Args:
         logits: [B, T, V], any float dtype (math is fp32); row t scores completion token t.

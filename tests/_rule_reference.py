@@ -5,7 +5,7 @@ Source: RULE-Unlearn, ``verl/utils/reward_score/forget.py``. The regex below is 
 ignored; no word boundaries); each reward function follows the published one line by line. A
 RULE ``solution`` is ``["<reject>", refusal_text, target_name]`` for a forget prompt and
 ``["<normal>", reference_answer]`` for a boundary prompt. rerule's implementation
-(``rerule.eval.refusal``, ``rerule.rewards``) is written separately and must agree with this.
+(``rerule.refusal``, ``rerule.train.rewards``) is written separately and must agree with this.
 """
 
 from __future__ import annotations

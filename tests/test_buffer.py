@@ -8,8 +8,8 @@ import io
 import pytest
 import torch
 
-from rerule.buffer import ReplayBuffer, ReplayGroup
-from rerule.sampling import PromptSampler
+from rerule.train.buffer import ReplayBuffer, ReplayGroup
+from rerule.train.sampling import PromptSampler
 
 
 def group(key=0, rewards=(1.0, 0.0, 0.0, 0.0), step=0, source="boundary", T=5, length=None):

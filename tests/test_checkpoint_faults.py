@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import rerule.model
-import rerule.trainer  # noqa: F401  (imported before load_model is patched in a test)
-from rerule import checkpoint as ckpt
+import rerule.train.model
+import rerule.train.trainer  # noqa: F401  (imported before load_model is patched in a test)
 from rerule import cli
+from rerule.train import checkpoint as ckpt
 
 
 def _parts(step: int) -> dict:
@@ -49,7 +49,7 @@ def test_damaged_newest_falls_back_with_a_warning(tmp_path, caplog, damage):
         (newest / "model.pt").write_bytes(bytes(data))
     else:
         (newest / "optimizer.pt").unlink()
-    with caplog.at_level(logging.WARNING, logger="rerule.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rerule.train.checkpoint"):
         found = ckpt.latest_checkpoint(root)
     assert found == root / "step-000001"
     text = caplog.text
@@ -74,7 +74,7 @@ def test_garbage_latest_pointer_warns(tmp_path, caplog):
     root = tmp_path / "ck"
     _two(root)
     (root / "latest").write_bytes(b"\x00\xffnot-a-step\n")
-    with caplog.at_level(logging.WARNING, logger="rerule.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rerule.train.checkpoint"):
         assert ckpt.latest_checkpoint(root) == root / "step-000002"
     assert "names no checkpoint" in caplog.text
 
@@ -127,14 +127,14 @@ def test_output_dir_is_checked_before_the_model_loads(tmp_path, monkeypatch, cap
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the output_dir check")
 
-    monkeypatch.setattr(rerule.model, "load_model", boom)
-    monkeypatch.setattr("rerule.trainer.load_model", boom)
+    monkeypatch.setattr(rerule.train.model, "load_model", boom)
+    monkeypatch.setattr("rerule.train.trainer.load_model", boom)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert cli.main(["train", "--config", _yaml(tmp_path, blocker / "run"), "--no-report"]) == 2
     assert "not writable" in _err(capsys)
-    from rerule.config import TrainConfig
-    from rerule.trainer import Trainer
+    from rerule.train.config import TrainConfig
+    from rerule.train.trainer import Trainer
 
     with pytest.raises(ValueError, match="not writable"):
         Trainer(TrainConfig.from_yaml(_yaml(tmp_path, blocker / "run")))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import rerule.model
-from rerule.config import TrainConfig, describe
-from rerule.trainer import Trainer
+import rerule.train.model
+from rerule.train.config import TrainConfig, describe
+from rerule.train.trainer import Trainer
 
 DEFAULT_YAML = "rerule/configs/default.yaml"
 
@@ -74,8 +74,8 @@ def test_bad_config_errors_before_model_loads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the config error")
 
-    monkeypatch.setattr(rerule.model, "load_model", boom)
-    monkeypatch.setattr("rerule.trainer.load_model", boom)
+    monkeypatch.setattr(rerule.train.model, "load_model", boom)
+    monkeypatch.setattr("rerule.train.trainer.load_model", boom)
     with pytest.raises(ValueError, match="group_size"):
         Trainer(TrainConfig.from_dict({"rollout": {"group_size": 1}}))
     # Missing data: the task is resolved before the model.
@@ -139,7 +139,7 @@ def test_new_dataclass_fields_are_picked_up(monkeypatch):
     """The parser reads the dataclasses: a field added to a section is settable with no parser change."""
     import dataclasses
 
-    from rerule import config
+    from rerule.train import config
 
     @dataclasses.dataclass
     class Extra(config.ReplayConfig):
@@ -165,11 +165,11 @@ def test_train_help_lists_sections_and_keys(capsys):
 
 
 def test_demo_accepts_both_override_forms(monkeypatch):
-    import rerule.demo
+    import rerule.demo.cli
     from rerule import cli
 
     seen = {}
-    monkeypatch.setattr(rerule.demo, "run_demo", lambda args: seen.update(vars(args)))
+    monkeypatch.setattr(rerule.demo.cli, "run_demo", lambda args: seen.update(vars(args)))
     argv = ["demo", "--sweep", "--set", "sweep.seeds=[0]", "--set", "sweep.hardness=[0.2]", "--set",
             "sweep.arms=[RULE]", "--out", "x", "--train.steps", "5", "--config", "demo"]  # fmt: skip
     assert cli.main(argv) == 0

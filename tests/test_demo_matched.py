@@ -1,4 +1,4 @@
-"""Matched-forgetting comparisons (rerule.demo_matched) on hand-made trajectories."""
+"""Matched-forgetting comparisons (rerule.demo.matched) on hand-made trajectories."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rerule import demo_matched as dm
+from rerule.demo import matched as dm
 
 
 def traj(*pts):

@@ -7,9 +7,10 @@ import math
 
 import pytest
 
-from rerule import demo_report as rep
-from rerule.demo import load_settings, run_single
-from rerule.demo_sweep import run_sweep, sweep_summary
+from rerule.demo import report as rep
+from rerule.demo.arms import load_settings
+from rerule.demo.cli import run_single
+from rerule.demo.sweep import run_sweep, sweep_summary
 
 ARMS = ("RULE", "RULE+prio", "ReRULE", "ReRULE+prio")
 MINIMAL = [
@@ -314,7 +315,7 @@ def test_bad_settings_fail_before_training():
 
 def test_cli_dispatches_demo():
     from rerule.cli import build_parser
-    from rerule.demo import run_demo
+    from rerule.demo.cli import run_demo
 
     args = build_parser().parse_args(["demo", "--steps", "3", "--set", "eval.every=1", "--sweep"])
     assert args.func is run_demo and args.steps == 3 and args.set == ["eval.every=1"] and args.sweep

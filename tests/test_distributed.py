@@ -93,7 +93,7 @@ def _case_id(case) -> str:
 
 
 def _tiny(lora: bool):
-    from rerule.model import build_char_tokenizer, build_tiny_llama
+    from rerule.train.model import build_char_tokenizer, build_tiny_llama
 
     tok = build_char_tokenizer()
     model = build_tiny_llama(len(tok), seed=2, tokenizer=tok)
@@ -109,8 +109,8 @@ def _tiny(lora: bool):
 
 def _set(V, B, T, seed, behavior):
     from rerule.loss import group_advantages
-    from rerule.rollout import SeqBatch
-    from rerule.stages import UpdateSet
+    from rerule.train.rollout import SeqBatch
+    from rerule.train.update import UpdateSet
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, V, (B, T), generator=g)
@@ -130,7 +130,7 @@ def _sets(V):
 
 
 def _rows(s, a: int, b: int):
-    from rerule.stages import UpdateSet
+    from rerule.train.update import UpdateSet
 
     if a == b:
         return None
@@ -149,9 +149,9 @@ STAT_KEYS = ("loss_on", "loss_replay", "train_tokens", "kl", "replay_kl", "is_we
 
 
 def _grad_ranks(rank, out):
-    from rerule import distributed
-    from rerule.config import DistributedConfig
-    from rerule.stages import PolicyUpdate
+    from rerule.train import distributed
+    from rerule.train.config import DistributedConfig
+    from rerule.train.update import PolicyUpdate
 
     for case in CASES:
         strategy, impl, loss_type, lora = case
@@ -181,7 +181,7 @@ def rank_grads(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_rank_averaged_gradient_is_the_whole_batch_gradient(case, rank_grads):
-    from rerule.stages import PolicyUpdate
+    from rerule.train.update import PolicyUpdate
 
     strategy, impl, loss_type, lora = case
     model, V = _tiny(lora)
@@ -216,7 +216,7 @@ def _reward(texts, records):
 
 
 def _config(out, steps=STEPS, **extra):
-    from rerule.config import TrainConfig
+    from rerule.train.config import TrainConfig
 
     d = {"steps": steps, "seed": 3, "output_dir": str(out), "progress": False, "save_final": False,
          "device": "cpu", "tensorboard": "off", "save_every": 1, "keep_checkpoints": 3,
@@ -246,7 +246,7 @@ def _assert_same(a, b, where=""):
 def _drive_ddp(out: Path) -> None:
     """Under torchrun: train, checking after every step that all ranks hold bitwise equal parameters;
     then resume from the final checkpoint and compare this rank's buffer, sampler and RNG."""
-    from rerule.trainer import Trainer
+    from rerule.train.trainer import Trainer
 
     tr = Trainer(_config(out), task=_task(), reward_fn=_reward)
     assert tr.dist.world_size == 2 and tr.dist.strategy == "ddp"
@@ -303,7 +303,7 @@ def test_two_rank_rerule_run_agrees_round_trips_and_refuses_other_world_size(tmp
     assert rows[-1]["buffer_size"] == sum(len(s["buffer"]["entries"]) for s in shards)
     assert rows[-1]["generated_tokens"] <= 2 * 4 * 4 * 4 and rows[-1]["replay_groups"] >= 1
 
-    from rerule.trainer import Trainer
+    from rerule.train.trainer import Trainer
 
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*same world size"):
         Trainer(_config(out), task=_task(), reward_fn=_reward, resume=True)
@@ -319,9 +319,9 @@ def _drive_cli(out: Path) -> None:
     """Under accelerate launch (FSDP config): ``rerule train`` as a user runs it, then a resume in the same
     processes whose gathered weights, optimizer and shard equal the checkpoint's."""
     from rerule import cli
-    from rerule.checkpoint import latest_checkpoint, load_checkpoint
-    from rerule.config import TrainConfig
-    from rerule.trainer import Trainer
+    from rerule.train.checkpoint import latest_checkpoint, load_checkpoint
+    from rerule.train.config import TrainConfig
+    from rerule.train.trainer import Trainer
 
     args = ["--output_dir", str(out)] + CLI_OVERRIDES
     assert cli.main(["train", "--config", "rerule/configs/tiny_synthetic.yaml"] + args) == 0
@@ -348,8 +348,8 @@ def test_fsdp_cli_under_accelerate_launch(tmp_path):
     assert len(rows) == 2
     # The sharded reference is the warm-started policy: it moved away from the initial weights, and
     # the first step's KL against it is zero.
-    from rerule.config import TrainConfig
-    from rerule.model import load_model
+    from rerule.train.config import TrainConfig
+    from rerule.train.model import load_model
 
     initial = load_model(TrainConfig.from_yaml("rerule/configs/tiny_synthetic.yaml").model, torch.device("cpu"))[0]
     reference = torch.load(out / "reference.pt", weights_only=True)
@@ -365,8 +365,8 @@ def test_fsdp_cli_under_accelerate_launch(tmp_path):
 
 def _die_while_saving(rank, out):
     """Rank 1 tears its shard file of checkpoint 2 in half and is SIGKILLed."""
-    from rerule import checkpoint as ckpt
-    from rerule.trainer import Trainer
+    from rerule.train import checkpoint as ckpt
+    from rerule.train.trainer import Trainer
 
     if rank == 1:
         save = ckpt.atomic_save
@@ -383,7 +383,7 @@ def _die_while_saving(rank, out):
 
 
 def _resume(rank, out):
-    from rerule.trainer import Trainer
+    from rerule.train.trainer import Trainer
 
     tr = Trainer(_config(out), task=_task(), reward_fn=_reward, resume=True)
     assert tr.step == 1
@@ -391,7 +391,7 @@ def _resume(rank, out):
 
 
 def test_rank_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
-    from rerule.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+    from rerule.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
     out = tmp_path / "kill"
     # rank 0 is blocked in the barrier (or fails in it) once rank 1 is gone: the launcher would stop
@@ -411,8 +411,8 @@ def test_rank_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
 
 
 def test_single_process_dist_is_the_identity(monkeypatch):
-    from rerule import distributed
-    from rerule.config import DistributedConfig
+    from rerule.train import distributed
+    from rerule.train.config import DistributedConfig
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     d = distributed.setup(DistributedConfig(), "cpu")

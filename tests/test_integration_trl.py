@@ -17,9 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import GRPOTrainer
 
 from rerule import fused_linear_grpo_loss, group_advantages, grpo_loss
-from rerule.buffer import ReplayGroup
 from rerule.integrations.trl import FusedGRPOTrainer, ReplayGRPOConfig, ReplayGRPOTrainer
 from rerule.kernels.grpo_math import importance_weights
+from rerule.train.buffer import ReplayGroup
 
 WORDS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(61)]  # V = 65: not a power of two
 

@@ -1,4 +1,4 @@
-"""The spec itself: gradcheck in fp64, and agreement with a literal per-token transcription of DESIGN.md."""
+"""The spec itself: gradcheck in fp64, and agreement with a literal per-token transcription of docs/loss.md."""
 
 import math
 
@@ -12,7 +12,7 @@ from tests._grpo_cases import make_inputs
 
 
 def literal_loss(inputs, o: LossOptions, max_len=None, num_items=None):
-    """DESIGN.md line by line with Python floats: no vectorization, no shared code with the reference."""
+    """docs/loss.md line by line with Python floats: no vectorization, no shared code with the reference."""
     logits, ids, mask, adv = (inputs[k] for k in ("logits", "completion_ids", "completion_mask", "advantages"))
     B, T, V = logits.shape
     old_in, beh_in, ref_in = (inputs.get(k) for k in ("old_logps", "behavior_logps", "ref_logps"))

@@ -1,4 +1,4 @@
-"""The replay estimator (rerule.stages.replay_weights, docs/replay.md): consistent weighted advantages
+"""The replay estimator (rerule.train.update.replay_weights, docs/replay.md): consistent weighted advantages
 sum to zero per group, pi = mu is the on-policy GRPO update exactly, one SGD step moves replayed
 completions the way their advantages say, and the weights behave at the extremes."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rerule.loss import group_advantages, grpo_loss, token_logps
-from rerule.stages import replay_weights, row_weight_behavior
+from rerule.train.update import replay_weights, row_weight_behavior
 
 G = 8
 

@@ -25,7 +25,7 @@ TIME_KEYS = ("time_rollout_s", "time_update_s", "time_step_s", "time_total_s")
 
 
 def _config(out: str, steps: int):
-    from rerule.config import TrainConfig
+    from rerule.train.config import TrainConfig
 
     return TrainConfig.from_dict({
         "steps": steps, "seed": 3, "output_dir": out, "progress": False, "save_final": False,
@@ -41,7 +41,7 @@ def _config(out: str, steps: int):
 def _drive(argv: list[str]) -> None:
     """Train (or resume) the toy run: argv = [out_dir, steps, ("--resume"), ("--sleep", seconds)]."""
     torch.set_num_threads(1)
-    from rerule.trainer import Trainer
+    from rerule.train.trainer import Trainer
 
     out, steps = argv[0], int(argv[1])
     sleep = float(argv[argv.index("--sleep") + 1]) if "--sleep" in argv else 0.0
@@ -71,7 +71,7 @@ def _wait(proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 def _final(out: Path) -> dict:
-    from rerule.checkpoint import latest_checkpoint, load_checkpoint
+    from rerule.train.checkpoint import latest_checkpoint, load_checkpoint
 
     path = latest_checkpoint(out / "checkpoints")
     assert path is not None and path.name == f"step-{K:06d}", path
@@ -100,7 +100,7 @@ def test_sigkill_then_resume_is_exact(tmp_path):
     # The uninterrupted run goes in this process (same thread count and environment) while the
     # victim starts up; the trainer runs under its own RNG, so nothing else in the process leaks in.
     _drive([str(straight), str(K)])
-    from rerule.checkpoint import list_checkpoints
+    from rerule.train.checkpoint import list_checkpoints
 
     def saved() -> int:
         return max(list_checkpoints(killed / "checkpoints"), default=-1)
@@ -142,7 +142,7 @@ def test_sigkill_then_resume_is_exact(tmp_path):
 
 
 def test_atomic_checkpoint_leaves_old_or_new(tmp_path):
-    from rerule.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from rerule.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     root = tmp_path / "ck"
     save_checkpoint(root, 1, {"model": {"w": torch.ones(2)}, "optimizer": {}, "state": {"step": 1}})

@@ -6,7 +6,8 @@ from types import SimpleNamespace as R
 
 import pytest
 
-from rerule.rewards import (
+from rerule.refusal import REFUSAL_TEMPLATES
+from rerule.train.rewards import (
     RuleReward,
     is_refusal,
     make_reward_fn,
@@ -14,7 +15,6 @@ from rerule.rewards import (
     resolve_variant,
     rouge_l_recall,
 )
-from rerule.stages import REFUSAL_TEMPLATES
 
 REFUSALS = [
     "I don't know who that is.",
@@ -191,7 +191,7 @@ def test_reward_errors():
 
 
 def test_config_default_variant_is_auto_and_resolves_by_task():
-    from rerule.config import TrainConfig
+    from rerule.train.config import TrainConfig
 
     assert TrainConfig().reward.variant == "auto"
     for task, variant in (("rwku", "two_stage_target"), ("muse", "two_stage"), ("synthetic", "two_stage")):

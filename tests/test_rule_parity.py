@@ -11,9 +11,8 @@ from types import SimpleNamespace as R
 
 import pytest
 
-from rerule.eval.refusal import is_refusal, refusal_rate
-from rerule.rewards import RULE_NAMES, VARIANTS, make_reward_fn
-from rerule.stages import REFUSAL_TEMPLATES
+from rerule.refusal import REFUSAL_TEMPLATES, is_refusal, refusal_rate
+from rerule.train.rewards import RULE_NAMES, VARIANTS, make_reward_fn
 
 from ._rule_corpus import ANSWERS, MODEL_REFUSALS, RULE_STYLES, SUBJECTS
 from ._rule_reference import RULE_FUNCTIONS, rejection_patterns

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from rerule import cli
-from rerule.config import TrainConfig
 from rerule.loss import group_advantages
-from rerule.model import build_char_tokenizer, build_tiny_llama
-from rerule.rollout import (
+from rerule.train.config import TrainConfig
+from rerule.train.model import build_char_tokenizer, build_tiny_llama
+from rerule.train.rollout import (
     SeqBatch,
     behavior_logps,
     completion_mask_from_eos,
@@ -22,8 +22,9 @@ from rerule.rollout import (
     generate,
     left_pad,
 )
-from rerule.stages import PolicyUpdate, UpdateSet, recompute_advantages, warm_start_examples
-from rerule.trainer import Trainer
+from rerule.train.trainer import Trainer
+from rerule.train.update import PolicyUpdate, UpdateSet, recompute_advantages
+from rerule.train.warm_start import warm_start_examples
 
 UPPER = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
 
@@ -410,7 +411,7 @@ def test_stored_advantages_mode_and_lambda_scaling():
 
 
 def test_tokenizers_round_trip_and_bpe_is_deterministic():
-    from rerule.model import build_bpe_tokenizer
+    from rerule.train.model import build_bpe_tokenizer
 
     text = "Question: Where was Mira Tolvane born?\nAnswer: Velmora."
     char = build_char_tokenizer()

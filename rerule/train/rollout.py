@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rerule.loss import token_logps
-from rerule.model import base_model
+from rerule.train.model import base_model
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Which prompts a step trains on: uniform, or prioritized toward prompts whose last group scored low.
 
-Prioritized sampling is an on-policy curriculum (DESIGN.md: it captured most of replay's gain in the
+Prioritized sampling is an on-policy curriculum (docs/replay.md: it captured most of replay's gain in the
 toy study, so any claim for ReRULE must beat it). It is independent of replay: the demo's four arms
 are {uniform, prioritized} x {RULE, ReRULE}.
 

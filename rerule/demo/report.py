@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rerule import demo_matched as dm
-from rerule.demo_plots import PLOTS, plot_report
+from rerule.demo import matched as dm
+from rerule.demo.plots import PLOTS, plot_report
 
 # Evaluation keys (rerule.eval.synthetic), with a label and whether higher is better.
 ARM_EVAL_KEYS = {

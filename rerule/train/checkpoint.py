@@ -13,7 +13,7 @@ Layout under ``<output_dir>/checkpoints``::
         state.pt          step, buffer, prompt sampler, the trainer's torch RNG states, metric history,
                           config, wall time
         buffer-rank{r}.pt one per rank in a multi-process run (its replay buffer, prompt sampler and
-                          RNG; ``rerule.distributed``): state.pt then holds the shared state only
+                          RNG; ``rerule.train.distributed``): state.pt then holds the shared state only
         manifest.json     size and SHA-256 of every file above, written last
     latest                name of the newest complete checkpoint
 

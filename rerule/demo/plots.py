@@ -1,6 +1,6 @@
 """The demo's PNG plots (matplotlib, Agg backend): curves per arm of one run, and the sweep's gain.
 
-Inputs are the report dicts of ``rerule.demo_report`` (arms with ``history`` and ``evals``; the
+Inputs are the report dicts of ``rerule.demo.report`` (arms with ``history`` and ``evals``; the
 sweep's ``summary["stats"]``).
 """
 
@@ -179,7 +179,7 @@ def plot_sweep(report: dict, out_dir: Path) -> Path:
 def plot_sweep_fronts(report: dict, out_dir: Path) -> Path:
     """The trade-off fronts (boundary quality at forget refusal >= L, against L) per regime and hardness:
     mean over seeds with a ± standard-error band (seeds that reach L)."""
-    from rerule.demo_matched import front_curve
+    from rerule.demo.matched import front_curve
 
     plt = _plt()
     cells = report["cells"]

@@ -1,4 +1,4 @@
-"""The replay buffer of hard-case rollout groups (ReRULE, DESIGN.md).
+"""The replay buffer of hard-case rollout groups (ReRULE, docs/replay.md).
 
 A group (one prompt, G completions) is admitted when
   1. its mean reward is under the threshold (absolute, or a running quantile of recent group means), and

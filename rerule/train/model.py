@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from rerule.config import ModelConfig, TinyModelConfig
+from rerule.train.config import ModelConfig, TinyModelConfig
 
 log = logging.getLogger(__name__)
 

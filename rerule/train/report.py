@@ -11,7 +11,7 @@ it). Panels (a panel is left out when the run logged none of its keys):
 - ``summary.md``: first / last / best value of every logged number.
 
 Example:
-    >>> from rerule.report import write_report   # doctest: +SKIP
+    >>> from rerule.train.report import write_report   # doctest: +SKIP
     >>> write_report("runs/smoke")               # doctest: +SKIP
     [PosixPath('runs/smoke/report/reward.png'), ..., PosixPath('runs/smoke/report/summary.md')]
 """

@@ -1,6 +1,6 @@
 """Refusal detection: RULE's published detector (the default) and rerule's stricter one.
 
-``rerule.rewards`` and the evaluators call :func:`is_refusal`, so the trainer's reward and the
+``rerule.train.rewards`` and the evaluators call :func:`is_refusal`, so the trainer's reward and the
 evaluator's refusal rate use the same decision.
 
 Two detectors (``detector=``):
@@ -175,3 +175,12 @@ def refusal_rate(texts, detector: str = DEFAULT_DETECTOR) -> float:
 
 # The name earlier releases exported: the strict detector's regexes.
 REFUSAL_PATTERNS = STRICT_REFUSAL_PATTERNS
+
+# Warm-start refusals name the subject, as RULE's rejection steering does; all match is_refusal.
+REFUSAL_TEMPLATES = (
+    "I'm not certain about {subject}.",
+    "That's beyond my knowledge of {subject}.",
+    "I don't know much about {subject}.",
+    "I'm not familiar with {subject}.",
+    "I have no information about {subject}.",
+)

@@ -1,7 +1,7 @@
 """RULE's rule-based rewards: refusal detection, target-name mention, ROUGE-L recall. No judge model.
 
 Every variant of RULE's reward module (RULE-Unlearn, ``verl/utils/reward_score/forget.py``), with
-its gating and scores. ``refuses`` is :func:`rerule.eval.refusal.is_refusal` (RULE's detector by
+its gating and scores. ``refuses`` is :func:`rerule.refusal.is_refusal` (RULE's detector by
 default), ``R`` the ROUGE-L recall of the reply against the reference answer under the ``rouge``
 package (:func:`rouge_l_recall`), ``named`` whether the target name occurs in the reply (a
 case-sensitive substring test, as RULE's ``solution[2] in completion``).
@@ -51,8 +51,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from rerule.eval.refusal import DEFAULT_DETECTOR, DETECTORS, is_refusal
 from rerule.eval.rouge_pkg import rouge_pkg_l_recall
+from rerule.refusal import DEFAULT_DETECTOR, DETECTORS, is_refusal
 
 RewardFn = Callable[[Sequence[str], Sequence[object]], list[float]]
 VARIANTS = (

@@ -7,7 +7,7 @@ Each step (``train_step``) reads top to bottom:
     -> buffer bookkeeping (evict solved prompts, admit new hard groups) -> metrics, checkpoint
 
 How it departs from plain GRPO (RULE):
-- replayed groups are an off-policy estimate of the on-policy GRPO update (``rerule.stages.replay_weights``,
+- replayed groups are an off-policy estimate of the on-policy GRPO update (``rerule.train.update.replay_weights``,
   docs/replay.md): self-normalized truncated sequence weights p_i = min(pi / mu, cap) / sum_j give each
   group's baseline and std AND the row weight G * p_i, so its weighted advantages sum to zero; the PPO
   clip is taken against the current policy;
@@ -17,7 +17,7 @@ How it departs from plain GRPO (RULE):
 - ``replay.enabled=false`` runs the identical loop with no buffer: plain RULE, so the two compare fairly.
 
 Under ``accelerate launch`` / ``torchrun`` every rank runs this loop on its own prompts and buffer;
-gradients, loss normalizers and metrics are reduced across ranks (``rerule.distributed``).
+gradients, loss normalizers and metrics are reduced across ranks (``rerule.train.distributed``).
 
 Python API (what the demo calls)::
 
@@ -37,21 +37,21 @@ from pathlib import Path
 
 import torch
 
-from rerule import checkpoint as ckpt
-from rerule import distributed
-from rerule.buffer import ReplayBuffer, ReplayGroup
-from rerule.config import TrainConfig
-from rerule.eval.refusal import is_refusal
 from rerule.loss import group_advantages
-from rerule.model import (
+from rerule.refusal import is_refusal
+from rerule.train import checkpoint as ckpt
+from rerule.train import distributed
+from rerule.train.buffer import ReplayBuffer, ReplayGroup
+from rerule.train.config import TrainConfig
+from rerule.train.model import (
     autocast_dtype,
     base_model,
     disable_dropout,
     load_model,
     load_trainable_state_dict,
 )
-from rerule.rewards import make_reward_fn
-from rerule.rollout import (
+from rerule.train.rewards import make_reward_fn
+from rerule.train.rollout import (
     SeqBatch,
     behavior_logps,
     encode_prompts,
@@ -59,8 +59,9 @@ from rerule.rollout import (
     generate,
     use_chat_template,
 )
-from rerule.sampling import PromptSampler
-from rerule.stages import UPDATE_METRICS, PolicyUpdate, UpdateSet, collate_replay, warm_start
+from rerule.train.sampling import PromptSampler
+from rerule.train.update import UPDATE_METRICS, PolicyUpdate, UpdateSet, collate_replay
+from rerule.train.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +237,6 @@ class Trainer:
             return "logits"
         if want == "logits":
             return want
-        try:
-            import rerule.fused_linear  # noqa: F401
-        except ImportError as e:
-            if want == "fused_linear":
-                raise ValueError(f"loss.loss_impl=fused_linear needs rerule.fused_linear ({e})") from e
-            return "logits"
         return "fused_linear" if (want == "fused_linear" or self.device.type == "cuda") else "logits"
 
     def _build_reference(self, resuming: bool, template=None):
@@ -347,7 +342,7 @@ class Trainer:
 
         # 5. buffer: evict solved prompts, admit hard groups (with mu = the pre-update log-probs)
         admitted = evicted_solved = 0
-        # Ranks sharing their fresh group means (rerule.distributed) see [(keys, means)] of every rank.
+        # Ranks sharing their fresh group means (rerule.train.distributed) see [(keys, means)] of every rank.
         shared = self.dist.enabled and c.distributed.share_group_means
         ranks = self.dist.gather((idx, means.tolist())) if shared else [(idx, means.tolist())]
         others = [g for r, g in enumerate(ranks) if r != self.dist.rank]

@@ -60,12 +60,12 @@ def build_task(world: dict) -> UnlearningTask:
 
 def tokenizer_corpus(task: UnlearningTask, unknown: list[tuple[str, str]] = ()) -> str:
     """The text the tokenizer is trained on: the world's corpus, the refusals the warm start teaches
-    (``rerule.stages.REFUSAL_TEMPLATES`` filled with every subject) and the unknown-people pairs.
+    (``rerule.refusal.REFUSAL_TEMPLATES`` filled with every subject) and the unknown-people pairs.
 
     Refusals are text the model will be trained to produce, so they get tokens of their own rather
     than byte fragments.
     """
-    from rerule.stages import REFUSAL_TEMPLATES
+    from rerule.refusal import REFUSAL_TEMPLATES
 
     subjects = sorted({r.subject for r in (*task.forget, *task.boundary, *task.retain) if r.subject})
     refusals = "\n".join(t.format(subject=s) for s in subjects for t in REFUSAL_TEMPLATES)
@@ -75,8 +75,8 @@ def tokenizer_corpus(task: UnlearningTask, unknown: list[tuple[str, str]] = ()) 
 
 def build_tiny(task: UnlearningTask, vocab_size: int, model: dict, seed: int, unknown=()):
     """A byte-level BPE tokenizer trained on the world's text and a seeded tiny Llama for it."""
-    from rerule.config import TinyModelConfig
-    from rerule.model import build_bpe_tokenizer, build_tiny_llama
+    from rerule.train.config import TinyModelConfig
+    from rerule.train.model import build_bpe_tokenizer, build_tiny_llama
 
     tokenizer = build_bpe_tokenizer(tokenizer_corpus(task, unknown), vocab_size)
     tiny = TinyModelConfig(**{**model, "tokenizer": "bpe", "bpe_vocab_size": vocab_size})
@@ -127,10 +127,10 @@ def unknown_people(task: UnlearningTask, n: int, seed: int = 0) -> list[tuple[st
     learns the same from these pairs, so refusing is a skill it has before the warm start ties it to
     the forget subjects (the instruct models RULE starts from have it too). The names come from the
     world's own name pools, minus the world's full names; the questions use the world's templates and
-    the refusals ``rerule.stages.REFUSAL_TEMPLATES``.
+    the refusals ``rerule.refusal.REFUSAL_TEMPLATES``.
     """
     from rerule.data.synthetic import ATTRIBUTES, FIRST, LAST
-    from rerule.stages import REFUSAL_TEMPLATES
+    from rerule.refusal import REFUSAL_TEMPLATES
 
     taken = {e["name"] for e in task.meta.get("entities", [])}
     rng = random.Random(f"{seed}:unknown")

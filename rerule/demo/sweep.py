@@ -4,7 +4,7 @@ Each hardness is its own world (pre-trained once, cached); each seed is the RL s
 draws, warm-start subset) on that world; each regime is a warm-start mode (``warm_start.mode``:
 ``with_answers``, or RULE's ``rejection_steering``, refusals only, where boundary prompts can
 collapse into refusing). Per regime and hardness the report leads with comparisons at matched
-forgetting (``rerule.demo_matched``): paired per-seed differences (mean ± standard error) of the
+forgetting (``rerule.demo.matched``): paired per-seed differences (mean ± standard error) of the
 boundary and retain quality at forget refusal 0.5 / 0.75 / 0.9 and of the trade-off front's area,
 for ReRULE against RULE and against the on-policy prioritized-sampling control (RULE+prio). Then,
 per arm, mean ± standard error over seeds of the front area, the final boundary quality and its gain
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rerule import demo_matched as dm
-from rerule.demo_plots import plot_sweep, plot_sweep_fronts
-from rerule.demo_report import format_table, json_default, summarize
+from rerule.demo import matched as dm
+from rerule.demo.plots import plot_sweep, plot_sweep_fronts
+from rerule.demo.report import format_table, json_default, summarize
 
 
 def _say(msg: str) -> None:
@@ -37,8 +37,8 @@ def _say(msg: str) -> None:
 def run_sweep(settings: dict, *, no_cache: bool = False) -> dict:
     """Regimes x hardness x seeds (``sweep`` section of the demo settings); writes sweep.json / sweep.md /
     sweep_front.png / sweep_gain.png under ``<out_dir>/sweep`` and prints the tables."""
-    from rerule.demo import run_arms
-    from rerule.demo_world import prepare_world
+    from rerule.demo.arms import run_arms
+    from rerule.demo.world import prepare_world
 
     sw = settings.get("sweep") or {}
     hardness, seeds = list(sw.get("hardness", [])), list(sw.get("seeds", []))

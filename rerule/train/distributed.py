@@ -52,9 +52,9 @@ from pathlib import Path
 
 import torch
 
-from rerule import checkpoint as ckpt
-from rerule.model import base_model, load_trainable_state_dict, resolve_device, trainable_state_dict
-from rerule.rollout import SeqBatch, completion_hidden, completion_logits
+from rerule.train import checkpoint as ckpt
+from rerule.train.model import base_model, load_trainable_state_dict, resolve_device, trainable_state_dict
+from rerule.train.rollout import SeqBatch, completion_hidden, completion_logits
 
 log = logging.getLogger(__name__)
 

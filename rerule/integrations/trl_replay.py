@@ -1,10 +1,10 @@
 """``ReplayGRPOTrainer``: ReRULE's hard-case replay inside TRL's GRPO loop.
 
-How it departs from ``FusedGRPOTrainer`` (DESIGN.md, "ReRULE"):
+How it departs from ``FusedGRPOTrainer`` (docs/replay.md):
 
 1. After TRL generates and scores a batch (``_generate_and_score_completions``), each group of
    ``num_generations`` completions whose mean reward is under ``replay_threshold`` and whose rewards
-   are not all equal goes into a ``rerule.buffer.ReplayBuffer`` with its token ids, masks, rewards,
+   are not all equal goes into a ``rerule.train.buffer.ReplayBuffer`` with its token ids, masks, rewards,
    advantages, reference log-probs and behaviour log-probs mu. mu is TRL's ``old_per_token_logps``
    when TRL computed them, else one no-grad forward of the generating policy over the stored rows
    (trainer numerics: with vLLM, the vLLM/trainer mismatch of a replayed group is not corrected).
@@ -12,7 +12,7 @@ How it departs from ``FusedGRPOTrainer`` (DESIGN.md, "ReRULE"):
 2. From global step ``replay_start_step`` on, ``replay_fraction`` x (fresh groups) groups are drawn
    from the buffer and appended to the batch (rounded so the batch still splits evenly over
    ``steps_per_generation``). For them pi_old is a no-grad forward of the current policy. Their
-   advantages and row weights come from ``rerule.stages.replay_weights``: by default the consistent
+   advantages and row weights come from ``rerule.train.update.replay_weights``: by default the consistent
    estimator (``replay_advantages="consistent"``, docs/replay.md): per group, truncated sequence
    ratios min(pi_old / mu, replay_is_cap), self-normalized to p_i, give the baseline, the std and
    the row weight G * p_i, so the group's weighted advantages sum to zero; the ablations
@@ -42,9 +42,9 @@ import torch
 from trl import GRPOConfig
 
 from rerule import fused_linear_grpo_loss
-from rerule.buffer import ReplayBuffer, ReplayGroup
-from rerule.integrations.trl import FusedGRPOTrainer
-from rerule.stages import REPLAY_ADVANTAGES, replay_weights, row_weight_behavior
+from rerule.integrations.trl_fused import FusedGRPOTrainer
+from rerule.train.buffer import ReplayBuffer, ReplayGroup
+from rerule.train.update import REPLAY_ADVANTAGES, replay_weights, row_weight_behavior
 
 REPLAY_KEYS = ("replay_mask", "behavior_per_token_logps", "replay_num_items")
 _SKIP_KEYS = (
@@ -64,7 +64,7 @@ _SKIP_KEYS = (
 
 @dataclass
 class ReplayGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus ReRULE's replay settings (defaults follow DESIGN.md's toy-study guide)."""
+    """``GRPOConfig`` plus ReRULE's replay settings (defaults follow the toy-study guide in docs/replay.md)."""
 
     replay_threshold: float = field(
         default=0.5, metadata={"help": "store groups whose mean reward is below this"}
@@ -112,7 +112,7 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
     """``FusedGRPOTrainer`` with ReRULE's hard-case replay (see the module docstring).
 
     ``args`` must be a ``ReplayGRPOConfig``. ``replay_buffer`` optionally supplies a configured
-    ``rerule.buffer.ReplayBuffer`` (else one is built from the config).
+    ``rerule.train.buffer.ReplayBuffer`` (else one is built from the config).
     """
 
     def __init__(self, *args, replay_buffer: ReplayBuffer | None = None, **kwargs):
@@ -266,7 +266,7 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
         metrics = self._metrics["train"]
         metrics["replay/ess"].append(float(rw.ess.mean()))
         metrics["replay/adv_sum"].append(float(rw.weighted_sums(G).mean()))
-        # consistent: the row weight G * p_i reaches the loss as w = exp(old - behavior) (rerule.stages)
+        # consistent: the row weight G * p_i reaches the loss as w = exp(old - behavior) (rerule.train.update)
         weight_logps = row_weight_behavior(cur, rw.row_weights.to(device)) if mode == "consistent" else mu
         if out.get("old_per_token_logps") is not None:
             rep["old_per_token_logps"] = cur

@@ -14,7 +14,7 @@ Validation runs in ``__post_init__``, so a bad config fails before any data or m
 
 Defaults are RULE's published settings where they apply (group 8, temperature 1.0, k3 KL 1e-2,
 clip 0.2 / 0.3 with dual clip 3.0, lr 2e-6, AdamW wd 0.01, grad clip 1.0, one update per rollout
-batch) and, for replay, the toy study of DESIGN.md (start early, staleness ~16, ~12.5 % of the
+batch) and, for replay, the toy study in docs/replay.md (start early, staleness ~16, ~12.5 % of the
 batch replayed, lambda 1, cap 2, uniform sampling in the buffer) with the consistent replay estimator.
 
 Example:
@@ -38,7 +38,7 @@ import yaml
 from rerule.kernels.options import ADV_SCALES, IS_LEVELS, LOSS_TYPES, LossOptions
 
 TASKS = ("synthetic", "tofu", "muse", "rwku", "custom")
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 # "auto": by task (rwku -> two_stage_target, muse / tofu / synthetic -> two_stage); RULE's own names also work.
 REWARD_VARIANTS = (
     "auto", "two_stage", "two_stage_target", "forget", "forget_abs", "forget_half_reject", "forget_abs_half_reject",
@@ -334,7 +334,7 @@ class WarmStartConfig:
 
 @dataclass
 class DistributedConfig:
-    """Multi-process runs (``accelerate launch`` / ``torchrun``; see ``rerule.distributed``). Ignored in a
+    """Multi-process runs (``accelerate launch`` / ``torchrun``; see ``rerule.train.distributed``). Ignored in a
     single process. ``rollout.prompts_per_step`` is per rank: the global batch is world_size times it."""
 
     strategy: str = _help("auto (fsdp when accelerate launched with an FSDP config, else ddp), ddp, fsdp",
@@ -557,3 +557,33 @@ def describe(cls=TrainConfig, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{prefix}{f.name} ({default!r}): {f.metadata.get('help', '')}")
     return lines
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """``["--a.b", "1", "--c=2", "--flag", "--set", "d.e=3"]`` ->
+    ``{"a.b": "1", "c": "2", "flag": "true", "d.e": "3"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--set":
+            if i + 1 >= len(tokens) or "=" not in tokens[i + 1]:
+                raise ValueError("--set expects key=value (e.g. --set replay.cap=1.5)")
+            key, value = tokens[i + 1].split("=", 1)
+            out[key.strip().replace("-", "_")] = value
+            i += 2
+            continue
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ValueError(f"unexpected argument {tok!r}: overrides look like --section.key value")
+        key = tok[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            value = tokens[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        out[key.replace("-", "_")] = value
+    return out
