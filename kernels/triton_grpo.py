@@ -319,7 +319,7 @@ STATS_WIDTH = 3
 
 def max_block_v(element_size: int) -> int:
     """Largest tile that compiles without register spills on sm_80 / sm_90 (checked by
-    tests/test_compile_targets.py): 8192 for 16-bit logits, 4096 for fp32 (8192 spills on sm_90)."""
+    tests/kernels/test_compile_targets.py): 8192 for 16-bit logits, 4096 for fp32 (8192 spills on sm_90)."""
     return 8192 if element_size <= 2 else 4096
 
 

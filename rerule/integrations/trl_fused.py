@@ -7,7 +7,7 @@ rewards, advantages, logging and the optimizer loop are TRL's own. ``ReplayGRPOT
 ``rerule.integrations.trl_replay``; both re-exported by ``rerule.integrations.trl``) adds ReRULE's
 hard-case replay on top.
 
-How TRL's inputs map onto the kernel (tests/test_integration_trl.py checks loss and every parameter's
+How TRL's inputs map onto the kernel (tests/integrations/test_integration_trl.py checks loss and every parameter's
 gradient against TRL's native ``_compute_loss`` for grpo / bnpo / dr_grpo / dapo x beta x level x
 plain or bias-corrected KL):
 

@@ -1,7 +1,7 @@
 """Resume is exact: K steps straight == K/2 steps, SIGKILL, resume to K (parameters, optimizer, buffer,
 sampler, RNG, metrics), on CPU.
 
-The run under test is this file executed as a script (``python tests/test_resume.py OUT STEPS
+The run under test is this file executed as a script (``python tests/train/test_resume.py OUT STEPS
 [--resume] [--sleep S]``): a toy task with a tiny Llama, a warm start, a KL reference, replay from
 step 1 and prioritized prompt sampling, so every piece of resumable state is non-trivial.
 """
@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace as NS
 
 import torch
 
@@ -42,25 +41,17 @@ def _drive(argv: list[str]) -> None:
     """Train (or resume) the toy run: argv = [out_dir, steps, ("--resume"), ("--sleep", seconds)]."""
     torch.set_num_threads(1)
     from rerule.train.trainer import Trainer
+    from tests.train._toy import toy_task, upper_reward
 
     out, steps = argv[0], int(argv[1])
     sleep = float(argv[argv.index("--sleep") + 1]) if "--sleep" in argv else 0.0
-    recs = [NS(prompt=f"Tell me about item {i}.", answer=f"item {i} is blue", subject=f"Item {i}",
-               source="forget" if i % 2 else "boundary") for i in range(8)]  # fmt: skip
-    task = NS(
-        forget=[r for r in recs if r.source == "forget"], boundary=[r for r in recs if r.source != "forget"]
-    )
-
-    def reward(texts, records):
-        return [1.0 if t[:1].isupper() else 0.0 for t in texts]
-
-    trainer = Trainer(_config(out, steps), task=task, reward_fn=reward, resume="--resume" in argv)
+    trainer = Trainer(_config(out, steps), task=toy_task(), reward_fn=upper_reward, resume="--resume" in argv)
     # Sleeping after a step slows the run down so the parent can kill it mid-way; it touches no state.
     trainer.train(callback=lambda m: time.sleep(sleep))
 
 
 def _launch(out: Path, steps: int, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(HERE.parents[2]))
     return subprocess.Popen([sys.executable, str(HERE), str(out), str(steps), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
 

@@ -7,7 +7,7 @@ import torch
 
 import rerule.kernels.triton_grpo as triton_grpo
 from rerule import grpo_loss
-from tests._grpo_cases import assert_close, assert_like_eager, make_inputs, reference
+from tests.kernels._grpo_cases import assert_close, assert_like_eager, make_inputs, reference
 
 # (name, options, which log-prob inputs exist)
 CASES = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rerule import grpo_loss
-from tests._grpo_cases import assert_grad_close
+from tests.kernels._grpo_cases import assert_grad_close
 
 liger_chunked = pytest.importorskip("liger_kernel.chunked_loss")
 from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: E402

@@ -2,7 +2,7 @@
 lower and upper bound), the ready-made ratio input (is_ratio [B, T], [B, 1], [B]), TRL's
 gradient-accumulation normalizers, and sequence-level clip metrics: every backend (torch, Triton
 interpreter, fused-linear) against the fp64 spec, element-wise, loss, gradient and metrics.
-Parity with TRL itself is in tests/test_integration_trl.py."""
+Parity with TRL itself is in tests/integrations/test_integration_trl.py."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from rerule import grpo_loss, token_logps
 from rerule.kernels.reference import token_logps_reference
-from tests._grpo_cases import assert_close, assert_grad_close, make_inputs, reference
+from tests.kernels._grpo_cases import assert_close, assert_grad_close, make_inputs, reference
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

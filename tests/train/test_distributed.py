@@ -6,7 +6,7 @@ refused; a rank killed while writing a checkpoint leaves the previous complete o
 
 Rank processes are forked from the test process (fast: the imports are already done) or launched
 with torchrun / accelerate; this file is also the script those launchers run
-(``python tests/test_distributed.py ddp|cli OUT``). Every launch has a timeout and a free port.
+(``python tests/train/test_distributed.py ddp|cli OUT``). Every launch has a timeout and a free port.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace as NS
 
 import pytest
 import torch
 
+from tests.train._toy import toy_task, upper_reward
+
 HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
+ROOT = HERE.parents[2]
 STEPS = 3
 TIME_KEYS = {"time_rollout_s", "time_update_s", "time_step_s", "time_total_s"}
 
@@ -205,16 +206,6 @@ def test_rank_averaged_gradient_is_the_whole_batch_gradient(case, rank_grads):
 # -- a 2-rank ReRULE run (torchrun) and an FSDP run through accelerate + the CLI ---------------------
 
 
-def _task():
-    recs = [NS(prompt=f"Tell me about item {i}.", answer=f"item {i} is blue", subject=f"Item {i}",
-               source="forget" if i % 2 else "boundary") for i in range(8)]  # fmt: skip
-    return NS(forget=[r for r in recs if r.source == "forget"], boundary=[r for r in recs if r.source != "forget"])
-
-
-def _reward(texts, records):
-    return [1.0 if t[:1].isupper() else 0.0 for t in texts]
-
-
 def _config(out, steps=STEPS, **extra):
     from rerule.train.config import TrainConfig
 
@@ -248,7 +239,7 @@ def _drive_ddp(out: Path) -> None:
     then resume from the final checkpoint and compare this rank's buffer, sampler and RNG."""
     from rerule.train.trainer import Trainer
 
-    tr = Trainer(_config(out), task=_task(), reward_fn=_reward)
+    tr = Trainer(_config(out), task=toy_task(), reward_fn=upper_reward)
     assert tr.dist.world_size == 2 and tr.dist.strategy == "ddp"
     checked = []
 
@@ -260,7 +251,7 @@ def _drive_ddp(out: Path) -> None:
         checked.append(m["step"])
 
     tr.train(callback=agree)
-    back = Trainer(_config(out), task=_task(), reward_fn=_reward, resume=True)
+    back = Trainer(_config(out), task=toy_task(), reward_fn=upper_reward, resume=True)
     assert back.step == STEPS and len(back.buffer) == len(tr.buffer) > 0
     _assert_same(back.buffer.state_dict(), tr.buffer.state_dict(), "buffer")
     _assert_same(back.sampler.state_dict(), tr.sampler.state_dict(), "sampler")
@@ -306,7 +297,7 @@ def test_two_rank_rerule_run_agrees_round_trips_and_refuses_other_world_size(tmp
     from rerule.train.trainer import Trainer
 
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*same world size"):
-        Trainer(_config(out), task=_task(), reward_fn=_reward, resume=True)
+        Trainer(_config(out), task=toy_task(), reward_fn=upper_reward, resume=True)
 
 
 CLI_OVERRIDES = ["--steps", "2", "--save_every", "1", "--progress", "false",
@@ -379,13 +370,13 @@ def _die_while_saving(rank, out):
             save(obj, path)
 
         ckpt.atomic_save = torn
-    Trainer(_config(out), task=_task(), reward_fn=_reward).train()
+    Trainer(_config(out), task=toy_task(), reward_fn=upper_reward).train()
 
 
 def _resume(rank, out):
     from rerule.train.trainer import Trainer
 
-    tr = Trainer(_config(out), task=_task(), reward_fn=_reward, resume=True)
+    tr = Trainer(_config(out), task=toy_task(), reward_fn=upper_reward, resume=True)
     assert tr.step == 1
     tr.train()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace as NS
 
 import pytest
 import torch
@@ -25,24 +24,9 @@ from rerule.train.rollout import (
 from rerule.train.trainer import Trainer
 from rerule.train.update import PolicyUpdate, UpdateSet, recompute_advantages
 from rerule.train.warm_start import warm_start_examples
+from tests.train._toy import toy_task, upper_reward
 
 UPPER = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
-
-
-def toy_task(n=8):
-    recs = [
-        NS(prompt=f"Tell me about item {i}.", answer=f"item {i} is blue", subject=f"Item {i}",
-           source="forget" if i % 2 else "boundary")
-        for i in range(n)
-    ]  # fmt: skip
-    return NS(
-        forget=[r for r in recs if r.source == "forget"], boundary=[r for r in recs if r.source != "forget"]
-    )
-
-
-def upper_reward(texts, records):
-    """Learnable in a few steps: ~26 % of a random char model's first characters are uppercase."""
-    return [1.0 if t[:1].isupper() else 0.0 for t in texts]
 
 
 def toy_config(tmp_path, **over):

@@ -1,7 +1,7 @@
 """rerule's refusal detector and rewards against a literal transcription of RULE's published code.
 
-The reference (tests/_rule_reference.py) is RULE's ``rejection_patterns`` regex as published and its
-reward functions line by line; the corpus (tests/_rule_corpus.py) holds RULE's refusal styles,
+The reference (tests/train/_rule_reference.py) is RULE's ``rejection_patterns`` regex as published and its
+reward functions line by line; the corpus (tests/train/_rule_corpus.py) holds RULE's refusal styles,
 models' refusals and ordinary answers. Every variant must agree on >= 99 % of >= 300 cases.
 """
 

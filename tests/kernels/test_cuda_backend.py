@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 
 import rerule.kernels.cuda_grpo as cuda_grpo
 from rerule import grpo_loss, token_logps
-from tests._grpo_cases import assert_close, assert_grad_close, assert_like_eager, make_inputs, reference
+from tests.kernels._grpo_cases import assert_close, assert_grad_close, assert_like_eager, make_inputs, reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "kernels" / "csrc" / "rerule_grpo.h"
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile the CUDA sources")

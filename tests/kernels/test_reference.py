@@ -8,7 +8,7 @@ import torch
 from rerule import group_advantages
 from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
-from tests._grpo_cases import make_inputs
+from tests.kernels._grpo_cases import make_inputs
 
 
 def literal_loss(inputs, o: LossOptions, max_len=None, num_items=None):
