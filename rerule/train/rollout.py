@@ -290,3 +290,21 @@ def behavior_logps(
         )
         out[i : i + step, : logp.shape[1]] = logp
     return out
+
+
+@dataclass
+class FreshGroups:
+    """A step's fresh groups as they move through it: the sampled prompts (``idx`` into the pool, ``records``
+    repeated G times), the rollout, then its rewards, advantages, per-group mean rewards and reference
+    log-probs (``Trainer._score``) and the global batch's token counts (``Trainer._rollout_metrics``)."""
+
+    idx: list[int]
+    records: list
+    batch: SeqBatch
+    texts: list[str]
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    means: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+    generated_tokens: int = 0
+    completion_length: float = 0.0

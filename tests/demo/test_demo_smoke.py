@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from rerule.demo import findings as fnd
 from rerule.demo import report as rep
 from rerule.demo.arms import load_settings
 from rerule.demo.cli import run_single
@@ -234,7 +235,7 @@ def test_replay_verdict_names_collapsed_weights_and_stale_groups():
     )
     for m in report["arms"]["ReRULE"]["history"]:
         m["buffer_age_mean"] = 3.5
-    verdict = " ".join(rep.replay_verdict(rep.summarize(report), "ReRULE"))
+    verdict = " ".join(fnd.replay_verdict(rep.summarize(report), "ReRULE"))
     assert "importance weights collapsed" in verdict and "mean w 0.20" in verdict
     assert "stale groups" in verdict and "starvation" not in verdict
     assert "flat" in verdict  # 20 flat offers against 3 admitted
@@ -244,7 +245,7 @@ def test_replay_verdict_names_collapsed_weights_and_stale_groups():
     # With the trainer's fixes (w weighs the replayed KL, one normalizer) neither cause is named.
     for name, value in (("replay.weight_kl", True), ("replay.normalize", "batch")):
         report["arms"]["ReRULE"]["overrides"][name] = value
-    verdict = " ".join(rep.replay_verdict(rep.summarize(report), "ReRULE"))
+    verdict = " ".join(fnd.replay_verdict(rep.summarize(report), "ReRULE"))
     assert "dominated the update" in verdict and "k3" not in verdict and "own rows" not in verdict
 
 
@@ -256,7 +257,7 @@ def test_replay_verdict_without_a_fault_says_what_was_replayed():
         m["grad_norm"], m["replay_forget_groups"] = 0.6, 2 if m["replay_groups"] else 0
         m["buffer_age_mean"] = 1.0
     report["arms"]["ReRULE"]["buffer_counters"] = {"admitted": 10, "flat": 5}
-    verdict = " ".join(rep.replay_verdict(rep.summarize(report), "ReRULE"))
+    verdict = " ".join(fnd.replay_verdict(rep.summarize(report), "ReRULE"))
     assert "none of starvation" in verdict and "of 10 replayed groups 10 were forget and 0 boundary" in verdict
     assert "forgets more (+0.09" in verdict
 
@@ -270,11 +271,11 @@ def test_diagnostic_arm_is_judged_against_its_twin():
     for name in ("RULE-beta0", "ReRULE-beta0"):
         report["arms"][name]["overrides"] = {"loss.beta": 0.0}
     s = rep.summarize(report)
-    assert rep._twin(s, "ReRULE-beta0") == "RULE-beta0" and rep._twin(s, "ReRULE+prio") == "RULE+prio"
+    assert fnd._twin(s, "ReRULE-beta0") == "RULE-beta0" and fnd._twin(s, "ReRULE+prio") == "RULE+prio"
     assert s["arms"]["ReRULE-beta0"]["beta"] == 0.0 and s["arms"]["ReRULE"]["beta"] == 0.01
     text = "\n".join(s["findings"])
     assert "ReRULE-beta0 vs RULE-beta0: final boundary quality 0.500 vs 0.600" in text
-    verdict = " ".join(rep.replay_verdict(s, "ReRULE-beta0"))
+    verdict = " ".join(fnd.replay_verdict(s, "ReRULE-beta0"))
     assert "not ahead of RULE-beta0" in verdict and "dominated" in verdict and "k3" not in verdict
 
 
