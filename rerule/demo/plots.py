@@ -53,6 +53,14 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(out_dir / name)
 
+    for draw in (_plot_eval_curves, _plot_tradeoff, _plot_buffer, _plot_compute):
+        draw(plt, arms, colors, save)
+    return paths
+
+
+def _plot_eval_curves(plt, arms: dict, colors: dict, save) -> None:
+    """forget_refusal.png, boundary_quality.png, retain_quality.png: greedy evaluations per arm."""
+
     def panel(ax, key, title, per_step=None):
         for a, r in arms.items():
             ax.plot(*_eval_series(r, key), "o-", color=colors[a], label=f"{a} (greedy eval)")
@@ -76,6 +84,9 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     save(fig, "retain_quality.png")
 
+
+def _plot_tradeoff(plt, arms: dict, colors: dict, save) -> None:
+    """tradeoff.png: boundary and retain quality against forget refusal."""
     # Arms that forget at different speeds are compared at equal forgetting: quality against refusal.
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
     for a, r in arms.items():
@@ -90,6 +101,9 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
     save(fig, "tradeoff.png")
 
+
+def _plot_buffer(plt, arms: dict, colors: dict, save) -> None:
+    """buffer_is.png: buffer size, importance weights, ESS and gradient norms per step."""
     fig, axs = plt.subplots(1, 4, figsize=(20, 4.5))
     for a, r in arms.items():
         axs[0].plot(*_step_series(r, "buffer_size"), "-", color=colors[a], label=a)
@@ -114,6 +128,9 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
     save(fig, "buffer_is.png")
 
+
+def _plot_compute(plt, arms: dict, colors: dict, save) -> None:
+    """compute.png: wall time per step and tokens per arm."""
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
     for a, r in arms.items():
         axs[0].plot(*_step_series(r, "time_step_s"), "-", color=colors[a], label=a)
@@ -131,7 +148,6 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     axs[1].set_title("compute per arm (tokens)")
     axs[1].legend(fontsize=8)
     save(fig, "compute.png")
-    return paths
 
 
 def _sweep_panels(stats: dict) -> list[tuple[str, str]]:

@@ -5,7 +5,7 @@ How it departs from ``FusedGRPOTrainer`` (docs/replay.md):
 1. After TRL generates and scores a batch (``_generate_and_score_completions``), each group of
    ``num_generations`` completions whose mean reward is under ``replay_threshold`` and whose rewards
    are not all equal goes into a ``rerule.train.buffer.ReplayBuffer`` with its token ids, masks, rewards,
-   advantages, reference log-probs and behaviour log-probs mu. mu is TRL's ``old_per_token_logps``
+   advantages, reference log-probs and behavior log-probs mu. mu is TRL's ``old_per_token_logps``
    when TRL computed them, else one no-grad forward of the generating policy over the stored rows
    (trainer numerics: with vLLM, the vLLM/trainer mismatch of a replayed group is not corrected).
    A prompt whose fresh group scores at or above the threshold has its stored groups evicted.

@@ -5,7 +5,7 @@ A group (one prompt, G completions) is admitted when
   2. its rewards are not all equal (a flat group has zero advantage and carries no signal).
 
 Each entry keeps what a replay needs without regenerating: prompt and completion ids, mask, rewards,
-the advantages it had, the behaviour log-probs mu (from the forward of the policy that sampled it),
+the advantages it had, the behavior log-probs mu (from the forward of the policy that sampled it),
 the frozen reference's log-probs (the reference never changes, so they stay valid), step, source
 (forget / boundary) and a reuse count.
 

@@ -78,7 +78,7 @@ class LoraConfig:
     enabled: bool = _help("train LoRA adapters instead of all weights", False)
     r: int = _help("LoRA rank", 16)
     alpha: float = _help("LoRA alpha (scale = alpha / r)", 32.0)
-    dropout: float = _help("LoRA dropout (0 keeps behaviour log-probs exact)", 0.0)
+    dropout: float = _help("LoRA dropout (0 keeps behavior log-probs exact)", 0.0)
     target_modules: Any = _help("PEFT target_modules: 'all-linear' or a list of module names", "all-linear")
 
     def __post_init__(self):

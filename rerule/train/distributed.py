@@ -10,7 +10,7 @@ whose helpers are identities, and the trainer runs exactly its single-process co
 Data parallel with rollouts kept local: each rank samples its own prompts from the whole pool (under
 its own seed), generates and scores its own groups and keeps its own replay buffer. No rollout, text
 or buffer entry crosses ranks: generation dominates an RL step and needs no communication this way;
-a stored group's behaviour and reference log-probs stay on the rank that computed them; there is no
+a stored group's behavior and reference log-probs stay on the rank that computed them; there is no
 shared buffer to keep consistent or to ship on every step. What is reduced across ranks:
 
 - gradients (DDP all-reduce, or FSDP2 reduce-scatter);

@@ -21,7 +21,7 @@ Choices made here (and reported in ``info``, which the trainer logs):
   flash kernel under bf16 autocast).
 - Liger's model kernels (RMSNorm, SwiGLU, RoPE) on CUDA when liger-kernel is installed; Liger's
   cross-entropy patches stay off because the loss is ours.
-- dropout is switched off: the behaviour log-probs of a rollout must be what the policy assigned.
+- dropout is switched off: the behavior log-probs of a rollout must be what the policy assigned.
 """
 
 from __future__ import annotations

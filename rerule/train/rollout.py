@@ -5,7 +5,7 @@ Layout: a :class:`SeqBatch` holds left-padded prompts and right-padded completio
 in consecutive runs (TRL's layout, what ``group_advantages`` expects). The completion mask covers the
 tokens up to and including the first EOS.
 
-Behaviour log-probs are never taken from ``generate``'s scores (those pass through the logits
+Behavior log-probs are never taken from ``generate``'s scores (those pass through the logits
 warpers); they come from a forward of the sampling policy over the sampled tokens, through the
 fused ``token_logps`` (``behavior_logps`` below). In the trainer this forward is the update's own
 forward: the policy has not moved yet when the loss computes its log-probs, so those are mu exactly
@@ -276,7 +276,7 @@ def behavior_logps(
     amp_dtype: torch.dtype | None = None,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Behaviour log-probs mu [B, T] (fp32, 0 on padding): one forward of the sampling policy over the
+    """Behavior log-probs mu [B, T] (fp32, 0 on padding): one forward of the sampling policy over the
     sampled tokens, scored by the fused ``token_logps`` at the sampling temperature."""
     device = batch.completion_ids.device
     step = chunk_rows or len(batch)

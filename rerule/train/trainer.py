@@ -11,7 +11,7 @@ How it departs from plain GRPO (RULE):
   docs/replay.md): self-normalized truncated sequence weights p_i = min(pi / mu, cap) / sum_j give each
   group's baseline and std AND the row weight G * p_i, so its weighted advantages sum to zero; the PPO
   clip is taken against the current policy;
-- hard groups (mean reward under the threshold, not flat) are stored with their behaviour
+- hard groups (mean reward under the threshold, not flat) are stored with their behavior
   log-probs, which come for free: they are the log-probs the update's own forward computes before
   the optimizer moves (the sampling policy, scored by the fused loss path);
 - ``replay.enabled=false`` runs the identical loop with no buffer: plain RULE, so the two compare fairly.

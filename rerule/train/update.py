@@ -6,10 +6,10 @@ The update, for fresh groups F and replayed groups R (docs/replay.md)::
     loss = L_on(F) + lambda * L_replay(R)
 
 - Fresh tokens were sampled by the current policy and get one update, so old = current (ratio 1)
-  and there is no behaviour weight: plain RULE.
+  and there is no behavior weight: plain RULE.
 - Replayed tokens: pi_old is a forward of the *current* policy on the stored tokens, so the PPO
   clip is taken against the current policy (old = current, detached), and the tokens carry the
-  truncated, detached weight w = min(pi_old / mu, cap) against the stored behaviour log-probs mu.
+  truncated, detached weight w = min(pi_old / mu, cap) against the stored behavior log-probs mu.
   Plain PPO-clip with mu as "old" would clip most replayed tokens to zero gradient. In
   ``grpo_loss`` terms: ``old_logps=None, behavior_logps=mu, is_cap=cap``.
 - Replayed groups use the consistent estimator by default (``replay_weights``, docs/replay.md):
@@ -17,7 +17,7 @@ The update, for fresh groups F and replayed groups R (docs/replay.md)::
   to p_i, give both the baseline and std of the advantages and the row weight G * p_i on row i's
   policy term (and on its k3 KL term when ``is_weight_kl``), so the weighted advantages of every
   replayed group sum to zero and pi = mu is exactly the on-policy GRPO update of those rows. In
-  ``grpo_loss`` terms the row weight enters through the behaviour channel: ``behavior_logps =
+  ``grpo_loss`` terms the row weight enters through the behavior channel: ``behavior_logps =
   pi_current - log(G p_i)``, so ``w = exp(old - behavior) = G p_i`` with ``is_cap >= G``.
   Ablations: ``recomputed`` (the first version: p_i for the baseline, row weight 1 and the per-token
   w = min(pi/mu, cap); biased, its weighted advantages do not sum to zero) and ``stored``.
@@ -188,7 +188,7 @@ def replay_weights(
 
 
 def row_weight_behavior(cur_logps: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-    """Behaviour log-probs that make the loss's detached weight w = exp(old - behavior) equal to
+    """Behavior log-probs that make the loss's detached weight w = exp(old - behavior) equal to
     ``row_weights`` on every token of a row (old = ``cur_logps``): cur - log(row_weight)."""
     return cur_logps - torch.log(row_weights.to(cur_logps.dtype)).unsqueeze(-1)
 
@@ -312,26 +312,26 @@ class PolicyUpdate:
         returns the scaled loss and writes the pre-update logps and the advantages used."""
         t = mb.completion_ids.shape[1]
         adv = s.advantages[rows]
-        beh = None if s.behavior is None else _cols(s.behavior[rows], t)
+        behavior = None if s.behavior is None else _cols(s.behavior[rows], t)
         ref = None if s.ref is None else _cols(s.ref[rows], t)
         pre = "replay_" if replay else ""
         cap = self.cap
         if replay:
             cur = self._current_logps(feats, mb)
-            rw = replay_weights(s.rewards[rows], cur, beh, mb.completion_mask, s.group_size, self.cap,
+            rw = replay_weights(s.rewards[rows], cur, behavior, mb.completion_mask, s.group_size, self.cap,
                                 self.adv_mode, self.scale, stored=adv)  # fmt: skip
             adv = rw.advantages.float()
             if self.adv_mode == "consistent":
-                # Row weight G * p_i through the behaviour channel: w = exp(old - behavior) = G * p_i.
-                beh, cap = row_weight_behavior(cur, rw.row_weights), float(s.group_size)
+                # Row weight G * p_i through the behavior channel: w = exp(old - behavior) = G * p_i.
+                behavior, cap = row_weight_behavior(cur, rw.row_weights), float(s.group_size)
                 w = weight_stats(rw.row_weights, mb.completion_mask, rw.truncated)
             else:
-                w = importance_stats(cur, beh, mb.completion_mask, self.cap)
+                w = importance_stats(cur, behavior, mb.completion_mask, self.cap)
             acc["w_max"] = max(acc["w_max"], w.pop("w_max"))
             for k, v in w.items():
                 acc[k] += v
             _source_stats(acc, rw, s.sources[rows.start : rows.stop : s.group_size], s.group_size)
-        out = self._loss(feats, mb, adv.to(feats.device), beh, ref, total_tokens, cap)
+        out = self._loss(feats, mb, adv.to(feats.device), behavior, ref, total_tokens, cap)
         n_tok = float(mb.completion_mask.sum())
         share = loss_scale(self.kw["loss_type"], rows.stop - rows.start, n_tok, total_rows, total_tokens)
         logps[rows, : min(t, logps.shape[1])] = out.logps[:, : logps.shape[1]]
@@ -434,7 +434,7 @@ def collate_replay(groups, pad_id: int, device) -> UpdateSet:
     prompt_ids, prompt_mask = left_pad([g.prompt_ids for g in groups for _ in range(g.group_size)], pad_id)
     ids = right_pad([g.completion_ids for g in groups], pad_id)
     mask = right_pad([g.completion_mask for g in groups], 0)
-    beh = right_pad([g.behavior_logps for g in groups], 0.0)
+    behavior = right_pad([g.behavior_logps for g in groups], 0.0)
     has_ref = all(g.ref_logps is not None for g in groups)
     ref = right_pad([g.ref_logps for g in groups], 0.0) if has_ref else None
     batch = SeqBatch(prompt_ids, prompt_mask, ids, mask).to(device)
@@ -442,7 +442,7 @@ def collate_replay(groups, pad_id: int, device) -> UpdateSet:
         batch,
         torch.cat([g.advantages for g in groups]).to(device),
         torch.cat([g.rewards for g in groups]).to(device),
-        beh.to(device),
+        behavior.to(device),
         None if ref is None else ref.to(device),
         G,
         tuple(g.source for g in groups for _ in range(g.group_size)),

@@ -226,7 +226,7 @@ def test_bias_corrected_kl_is_what_trl_logs_and_differentiates(trainer, setattrs
 
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
 def test_parity_vllm_importance_sampling(trainer, setattrs, mode):
-    """TRL's vLLM ratio multiplies the policy term; we pass it as behaviour log-probs with no cap."""
+    """TRL's vLLM ratio multiplies the policy term; we pass it as behavior log-probs with no cap."""
     setattrs(loss_type="dapo", beta=0.05, use_vllm=True, vllm_importance_sampling_correction=True)
     inputs = make_inputs(trainer, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -560,7 +560,7 @@ def test_mix_replay_pads_and_recomputes(model_dir, tmp_path):
 
 def test_mix_replay_consistent_weights_sum_to_zero(model_dir, tmp_path):
     """An off-policy stored group (mu shifted per row): the merged rows carry advantages A_i and
-    behaviour log-probs whose weight exp(old - behavior) is the row weight G * p_i (the same on every
+    behavior log-probs whose weight exp(old - behavior) is the row weight G * p_i (the same on every
     token of a row), with sum_i G p_i A_i = 0, and the logged replay/adv_sum is 0."""
     tr = ReplayGRPOTrainer(
         model=model_dir,

@@ -212,7 +212,7 @@ CASES = [
     ("klis-token-noold-bnpo", dict(loss_type="bnpo", beta=0.3, bias_correction_kl=True), dict(old=False)),
     ("klis-seq-dapo", dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.2,
                            bias_correction_kl=True), {}),
-    # is_weight_kl: the behaviour weight also multiplies the KL term (ReRULE's replay.weight_kl)
+    # is_weight_kl: the behavior weight also multiplies the KL term (ReRULE's replay.weight_kl)
     ("wkl-token", dict(beta=0.3, is_weight_kl=True, is_cap=1.5), {}),
     ("wkl-klis-token-noold", dict(loss_type="bnpo", beta=0.3, is_weight_kl=True, bias_correction_kl=True),
      dict(old=False)),

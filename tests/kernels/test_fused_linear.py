@@ -101,7 +101,7 @@ def assert_matches(out, grads, ref, tol, what):
         assert err(g, r) <= tol, (what, f"grad_{name}", err(g, r))
 
 
-# Every loss type at both IS levels, with and without old/behaviour/ref, delta, dual clip, temperature.
+# Every loss type at both IS levels, with and without old/behavior/ref, delta, dual clip, temperature.
 CASES = [
     dict(),
     dict(loss_type="bnpo", epsilon_high=0.28, _inputs=dict(ref=False)),

@@ -28,7 +28,7 @@ def inputs(seed=0, spread=0.45):
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     cur = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
     old = cur + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
-    # behaviour = old + noise, with a per-sequence offset so that sequence ratios fall on both sides
+    # behavior = old + noise, with a per-sequence offset so that sequence ratios fall on both sides
     beh = old + spread * torch.randn(B, T, generator=g, dtype=torch.float64) + torch.tensor(
         [0.6, -0.5, 0.05, -0.05, 0.4, -0.3], dtype=torch.float64)[:, None] / 2
     ref = cur + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)

@@ -1,7 +1,7 @@
 """Parity with Liger-Kernel's GRPO losses where the semantics overlap.
 
 Liger's chunked ``LigerFusedLinearGRPOLoss`` runs as torch on CPU; its Triton ``triton_grpo_loss``
-runs under the interpreter. Their vLLM IS ratio multiplies the policy term like our behaviour
+runs under the interpreter. Their vLLM IS ratio multiplies the policy term like our behavior
 weight w, so we pass behavior_logps = old - log(ratio) with ratio <= is_cap.
 """
 

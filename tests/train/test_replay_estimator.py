@@ -58,7 +58,7 @@ def test_on_policy_point_is_grpo():
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_row_weight_one_is_the_on_policy_gradient_bit_for_bit(level):
-    """At pi = mu the replay loss (behaviour channel carrying G p_i = 1) has the on-policy GRPO
+    """At pi = mu the replay loss (behavior channel carrying G p_i = 1) has the on-policy GRPO
     loss and gradient bit for bit, fp64 logits, the same advantages."""
     B, T, V = 2 * G, 6, 37
     g = torch.Generator().manual_seed(1)

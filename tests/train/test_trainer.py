@@ -104,7 +104,7 @@ def test_replay_updates_happen_with_capped_weights(tmp_path):
     assert hist[1]["buffer_size"] > 0
 
 
-def test_stored_behaviour_logps_are_the_sampling_policy(tmp_path):
+def test_stored_behavior_logps_are_the_sampling_policy(tmp_path):
     cfg = toy_config(tmp_path, steps=1, **{"replay.enabled": "true"})
     tr = Trainer(cfg, task=toy_task(), reward_fn=upper_reward)
     sampler = build_tiny_llama(len(tr.tokenizer), seed=0, tokenizer=tr.tokenizer)
@@ -121,7 +121,7 @@ def test_stored_behaviour_logps_are_the_sampling_policy(tmp_path):
         )
 
 
-def test_behaviour_logps_match_generate_positions():
+def test_behavior_logps_match_generate_positions():
     tok = build_char_tokenizer()
     model = build_tiny_llama(len(tok), seed=1, tokenizer=tok)
     prompts = encode_prompts(
