@@ -60,11 +60,6 @@ log = logging.getLogger(__name__)
 
 RANK_SEED_STRIDE = 1_000_003
 # Per-rank update sums that add up over ranks; the losses are averaged (see the module docstring).
-SUM_KEYS = ("tokens", "kl", "clip_ratio_low", "clip_ratio_high", "replay_tokens", "replay_kl",
-            "replay_clip_ratio_low", "replay_clip_ratio_high", "n", "w", "w2", "truncated",
-            "replay_groups_forget", "replay_groups_boundary", "replay_adv_sum_forget", "replay_adv_sum_boundary",
-            "replay_ess_sum", "replay_ess_groups")  # fmt: skip
-MEAN_KEYS = ("loss", "replay_loss")
 # Trainer state that is each rank's own: written to buffer-rank{r}.pt, not to the shared state.pt.
 RANK_LOCAL = ("buffer", "sampler", "rng")
 
@@ -165,12 +160,13 @@ class Dist:
             module.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    def reduce_update(self, acc: dict) -> None:
-        """Sum the update's per-rank sums, average its scaled losses, max its largest weight (in place)."""
-        sums = self.all_sum([acc[k] for k in SUM_KEYS] + [acc[k] for k in MEAN_KEYS])
-        for k, v in zip(SUM_KEYS + MEAN_KEYS, sums):
-            acc[k] = v / self.world_size if k in MEAN_KEYS else v
-        acc["w_max"] = self.all_max([acc["w_max"]])[0]
+    def reduce_update(self, stats) -> None:
+        """Sum the update's per-rank sums (``UpdateStats.sums``), average its scaled losses, max its largest
+        weight (in place)."""
+        values = self.all_sum(stats.sums() + [stats.fresh.loss, stats.replay.loss])
+        stats.set_sums(values[:-2])
+        stats.fresh.loss, stats.replay.loss = values[-2] / self.world_size, values[-1] / self.world_size
+        stats.weights.w_max = self.all_max([stats.weights.w_max])[0]
 
     # -- metrics -------------------------------------------------------------------------------------
 

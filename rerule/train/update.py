@@ -30,7 +30,6 @@ rank-averaged gradient is the gradient of the whole global batch.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from rerule.train.rollout import (
     logps_from_hidden,
     right_pad,
 )
+from rerule.train.update_stats import ReplayWeightStats, SetStats, UpdateStats
 
 
 @dataclass
@@ -221,17 +221,6 @@ def weight_stats(row_weights: torch.Tensor, mask: torch.Tensor, truncated: torch
     }
 
 
-def _source_stats(acc: dict, rw: ReplayWeights, sources, group_size: int) -> None:
-    """Per replayed source: groups, the sum over groups of sum_i row_weight_i * A_i, sequence ESS."""
-    sums = rw.weighted_sums(group_size).tolist()
-    for src, total, ess in zip(sources, sums, rw.ess.tolist()):
-        key = "forget" if src == "forget" else "boundary"
-        acc[f"replay_groups_{key}"] += 1
-        acc[f"replay_adv_sum_{key}"] += total
-        acc["replay_ess_sum"] += ess
-        acc["replay_ess_groups"] += 1
-
-
 def micro_slices(n_rows: int, rows_per_micro: int):
     return [(i, min(i + rows_per_micro, n_rows)) for i in range(0, n_rows, rows_per_micro)]
 
@@ -307,14 +296,14 @@ class PolicyUpdate:
                            bias=bias, **kw)  # fmt: skip
 
     def _part_loss(self, feats, mb: SeqBatch, s: UpdateSet, rows: slice, weight: float, replay: bool,
-                   total_rows: float, total_tokens: float, acc: dict, logps: torch.Tensor):  # fmt: skip
+                   total_rows: float, total_tokens: float, stats: UpdateStats, logps: torch.Tensor):  # fmt: skip
         """Loss of one set's rows ``rows`` inside the micro-batch ``mb`` (``feats`` already sliced);
         returns the scaled loss and writes the pre-update logps and the advantages used."""
         t = mb.completion_ids.shape[1]
         adv = s.advantages[rows]
         behavior = None if s.behavior is None else _cols(s.behavior[rows], t)
         ref = None if s.ref is None else _cols(s.ref[rows], t)
-        pre = "replay_" if replay else ""
+        part = stats.replay if replay else stats.fresh
         cap = self.cap
         if replay:
             cur = self._current_logps(feats, mb)
@@ -327,19 +316,14 @@ class PolicyUpdate:
                 w = weight_stats(rw.row_weights, mb.completion_mask, rw.truncated)
             else:
                 w = importance_stats(cur, behavior, mb.completion_mask, self.cap)
-            acc["w_max"] = max(acc["w_max"], w.pop("w_max"))
-            for k, v in w.items():
-                acc[k] += v
-            _source_stats(acc, rw, s.sources[rows.start : rows.stop : s.group_size], s.group_size)
+            stats.weights.add_tokens(w)
+            stats.weights.add_groups(rw, s.sources[rows.start : rows.stop : s.group_size], s.group_size)
         out = self._loss(feats, mb, adv.to(feats.device), behavior, ref, total_tokens, cap)
         n_tok = float(mb.completion_mask.sum())
         share = loss_scale(self.kw["loss_type"], rows.stop - rows.start, n_tok, total_rows, total_tokens)
         logps[rows, : min(t, logps.shape[1])] = out.logps[:, : logps.shape[1]]
-        acc[pre + "advantages"][rows] = adv.to(acc[pre + "advantages"].device)
-        acc[pre + "loss"] += float(out.loss.detach()) * share
-        acc[pre + "tokens"] += n_tok
-        for k in ("kl", "clip_ratio_low", "clip_ratio_high"):
-            acc[pre + k] += float(out.metrics[k]) * n_tok
+        part.advantages[rows] = adv.to(part.advantages.device)
+        part.add(out, share, n_tok)
         return out.loss * (weight * share)
 
     def __call__(self, fresh: UpdateSet, replayed: UpdateSet | None) -> tuple[torch.Tensor, dict]:
@@ -369,9 +353,9 @@ class PolicyUpdate:
             rows_total, totals = [sum(rows_total)] * 2, [sum(totals)] * 2
         device = batch.completion_ids.device
         logps = [torch.zeros(s.batch.completion_ids.shape, device=device) for s, _, _ in sets]
-        acc = collections.defaultdict(float)
+        stats = UpdateStats(SetStats(), SetStats(), ReplayWeightStats())
         for (s, _, replay), lp in zip(sets, logps):
-            acc[("replay_" if replay else "") + "advantages"] = torch.zeros(len(s.batch), device=lp.device)
+            (stats.replay if replay else stats.fresh).advantages = torch.zeros(len(s.batch), device=lp.device)
         slices = micro_slices(len(batch), self.rows_per_micro or len(batch))
         n_passes = len(slices) if self.dist is None else self.dist.micro_steps(len(slices))
         for step in range(n_passes):
@@ -395,32 +379,12 @@ class PolicyUpdate:
                     part = mb.rows(a - i, b - i, trim=False)
                     rows = slice(a - starts[k], b - starts[k])
                     x = feats[a - i : b - i]
-                    loss = loss + self._part_loss(x, part, s, rows, weight, replay, rows_total[k], totals[k], acc,
-                                                  logps[k])  # fmt: skip
+                    loss = loss + self._part_loss(x, part, s, rows, weight, replay, rows_total[k], totals[k],
+                                                  stats, logps[k])  # fmt: skip
                 loss.backward()
         if self.dist is not None:
-            self.dist.reduce_update(acc)
-        out = {"loss_on": acc["loss"], "train_tokens": acc["tokens"], "advantages": acc["advantages"]}
-        out.update({k: acc[k] / max(acc["tokens"], 1.0) for k in ("kl", "clip_ratio_low", "clip_ratio_high")})
-        if with_replay:
-            n = max(acc["n"], 1.0)
-            out.update({
-                "loss_replay": acc["replay_loss"], "replay_tokens": acc["replay_tokens"],
-                "replay_kl": acc["replay_kl"] / max(acc["replay_tokens"], 1.0),
-                "replay_advantages": acc["replay_advantages"],
-                "is_weight_mean": acc["w"] / n, "is_weight_max": acc["w_max"],
-                "is_truncated_frac": acc["truncated"] / n,
-                # normalized effective sample size (sum w)^2 / (n sum w^2), in (0, 1]
-                "is_ess": acc["w"] ** 2 / (n * acc["w2"]) if acc["w2"] > 0 else 1.0,
-                # sequence level, per replayed group: 1 / sum_i p_i^2 in samples (1..G), averaged over groups
-                "replay_ess": acc["replay_ess_sum"] / max(acc["replay_ess_groups"], 1.0),
-                # per source, summed over its replayed groups: sum_i row_weight_i * A_i (0 when consistent)
-                "replay_adv_sum_forget": acc["replay_adv_sum_forget"] if acc["replay_groups_forget"] else None,
-                "replay_adv_sum_boundary": (acc["replay_adv_sum_boundary"] if acc["replay_groups_boundary"]
-                                            else None),
-            })  # fmt: skip
-            out["train_tokens"] += acc["replay_tokens"]
-        return logps[0], out
+            self.dist.reduce_update(stats)
+        return logps[0], stats.metrics(with_replay)
 
 
 def _cols(x: torch.Tensor, t: int) -> torch.Tensor:
