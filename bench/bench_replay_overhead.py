@@ -24,8 +24,8 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from rerule.config import TrainConfig
-from rerule.trainer import Trainer
+from rerule.train.config import TrainConfig
+from rerule.train.trainer import Trainer
 
 WARMUP_STEPS = 3
 ROUNDS = 16

@@ -41,7 +41,7 @@ from rerule import grpo_loss, token_logps  # noqa: E402
 from rerule.kernels import cuda_grpo  # noqa: E402
 from rerule.kernels.grpo_math import reduction_weights, sequence_terms, token_terms  # noqa: E402
 from rerule.kernels.options import LossOptions  # noqa: E402
-from tests._grpo_cases import make_inputs, reference  # noqa: E402
+from tests.kernels._grpo_cases import make_inputs, reference  # noqa: E402
 
 DEV = torch.device("cuda")
 ALL_OPTS = dict(beta=0.04, dual_clip=2.0, delta=1.5, epsilon_high=0.28)

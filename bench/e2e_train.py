@@ -148,7 +148,7 @@ def smollm2_folder(work: Path) -> tuple[str | None, str]:
         if str(site) not in sys.path:
             sys.path.insert(0, str(site))
         importlib.invalidate_caches()
-    from rerule.demo_world import load_smollm2
+    from rerule.demo.world import load_smollm2
 
     t0 = time.perf_counter()
     model, tokenizer = load_smollm2("float32")

@@ -9,7 +9,7 @@ bytes (from ptxas -v) and the global memory instructions of the PTX: every ``ld.
 instructions issued per 128 logits of a row sweep (1 per 128 / vector width).
 
 Run ``python -m rerule.kernels.aot`` (prints JSON; TRITON_INTERPRET must be unset: the
-interpreter replaces the compiler). tests/test_compile_targets.py runs it in a subprocess.
+interpreter replaces the compiler). tests/kernels/test_compile_targets.py runs it in a subprocess.
 """
 
 from __future__ import annotations

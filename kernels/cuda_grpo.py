@@ -209,12 +209,12 @@ def _launch(lib: Library, fn, args, device: torch.device, what: str) -> None:
 
 
 def fwd_args(
-    lib: Library, logits, ids, mask, adv, rw, old, beh, ref, o: LossOptions,
+    lib: Library, logits, ids, mask, adv, rw, old, behavior, ref, o: LossOptions,
     fused_loss: bool, compute_grad: bool, return_entropy: bool, inplace: bool, threads: int | None = None,
 ):
     """Allocate the outputs and fill a GrpoArgs. Returns (args, outputs, keep_alive)."""
     dtype = _check_logits(lib, logits, dict(completion_ids=ids, mask=mask, advantages=adv, rw=rw,
-                                            old_logps=old, behavior_logps=beh, ref_logps=ref))
+                                            old_logps=old, behavior_logps=behavior, ref_logps=ref))
     B, T, V = logits.shape
     N = B * T
     dev = logits.device
@@ -223,7 +223,7 @@ def fwd_args(
     adv_ = _rows("advantages", adv, torch.float32, B) if fused_loss else None
     rw_ = _rows("rw", rw, torch.float32, N) if fused_loss else None
     old_ = _rows("old_logps", old, torch.float32, N) if fused_loss else None
-    beh_ = _rows("behavior_logps", beh, torch.float32, N) if fused_loss else None
+    beh_ = _rows("behavior_logps", behavior, torch.float32, N) if fused_loss else None
     ref_ = _rows("ref_logps", ref, torch.float32, N) if (fused_loss and has_ref) else None
     logp, lse = _empty((N,), torch.float32, dev), _empty((N,), torch.float32, dev)
     stats = _empty((2, N), torch.float32, dev)  # row max and log-sum, kept for the gradient kernel
@@ -280,19 +280,19 @@ def grad_args(
 
 
 def grpo_fwd(
-    logits, ids, mask, adv, rw, old, beh, ref, o: LossOptions,
+    logits, ids, mask, adv, rw, old, behavior, ref, o: LossOptions,
     fused_loss: bool, compute_grad: bool, return_entropy: bool, inplace: bool, tile: int | None = None,
 ):
     """Forward (and, for token-level losses, the gradient) over [B, T, V] logits (stride 1 on V).
 
-    ids/mask/rw/old/beh/ref are [B, T]; adv is [B] fp32; ``tile`` = threads per block (None: auto).
+    ids/mask/rw/old/behavior/ref are [B, T]; adv is [B] fp32; ``tile`` = threads per block (None: auto).
     Returns (logp, stats, entropy or None, loss_tok or None, dlogits or None): fp32 [B, T] except stats
     ([B, T, 2]: row max and log-sum of logits / tau, for ``grpo_grad``) and dlogits ([B, T, V] in the
     logits dtype; the logits buffer itself when ``inplace``).
     """
     lib = _library_for(logits)
     args, outputs, _keep = fwd_args(
-        lib, logits, ids, mask, adv, rw, old, beh, ref, o,
+        lib, logits, ids, mask, adv, rw, old, behavior, ref, o,
         fused_loss, compute_grad, return_entropy, inplace, tile,
     )
     _launch(lib, lib.fwd, args, logits.device, "rerule_grpo_fwd")

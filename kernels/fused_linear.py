@@ -17,7 +17,7 @@ Why this shape:
 * One launch per chunk for token-level losses. The backend's ``grpo_fwd`` (the same kernel as
   ``grpo_loss``) returns logp, the per-token loss and d loss / d logits for the chunk in one sweep,
   written in place over the chunk's logits (the buffer is ours). The chunk is viewed as [n, 1, V]
-  (T = 1), so each row carries its own advantage, reduction weight and old/behaviour/ref log-prob.
+  (T = 1), so each row carries its own advantage, reduction weight and old/behavior/ref log-prob.
 * Gradients in forward. The autograd Function computes grad_h, grad_W and grad_b while each
   chunk's logits are live and backward only scales them by the upstream scalar, so a token-level
   loss costs 6 N H V FLOPs (one GEMM forward, two backward, no recompute) against Liger's
@@ -163,15 +163,72 @@ def _chunk_slices(n_valid: int, step: int):
         yield s, min(s + step, n_valid)
 
 
+def _sequence_grad_pass(backend, head, h2, rows, step, buf, grad_h, *, ids_v, stats_v, g_v, ones, temperature, tile):
+    """Pass 2 of a sequence-level loss: recompute each chunk's logits and back-propagate the per-token
+    d loss / d logp ``g_v`` through the saved softmax statistics into the lm_head and ``grad_h``."""
+    col = lambda t, s, e: t[s:e].view(-1, 1)
+    for s, e in _chunk_slices(rows.numel(), step):
+        r = rows[s:e]
+        h_c = h2.index_select(0, r)
+        n = e - s
+        x = chunk_logits(head, h_c, None if buf is None else buf[:n])
+        V = x.shape[-1]
+        dx = backend.grpo_grad(
+            x.view(n, 1, V), col(ids_v, s, e), ones[:n], _stats_rows(stats_v, s, e), col(g_v, s, e),
+            temperature, True, tile,
+        )
+        head.backward(dx.view(n, V), h_c, grad_h, r)
+        del x, dx
+
+
+def _token_pass(backend, head, h2, rows, step, buf, grad_h, *, cols, adv_v, ones, o, any_grad, return_entropy, tile):
+    """Pass 1 over the valid rows in chunks: chunk logits, the backend's forward (log-probs, softmax
+    statistics, entropy; for a token-level loss also the per-token loss and its gradient, back-propagated
+    into the lm_head and ``grad_h`` at once). Returns per valid row (logp, stats, entropy or None, loss)."""
+    ids_v, rw_v, old_v, behavior_v, ref_v = cols
+    col = lambda t, s, e: None if t is None else t[s:e].view(-1, 1)
+    token_level = not o.sequence_level
+    n_valid = rows.numel()
+    f32 = dict(dtype=torch.float32, device=h2.device)
+    logp_v = torch.zeros(n_valid, **f32)
+    stats_v = None  # the backend's per-row softmax statistics ([n_valid, k]), kept for pass 2
+    ent_v = torch.zeros(n_valid, **f32) if return_entropy else None
+    loss_v = torch.zeros(n_valid, **f32)
+    for s, e in _chunk_slices(n_valid, step):
+        r = rows[s:e]
+        h_c = h2.index_select(0, r)
+        n = e - s
+        x = chunk_logits(head, h_c, None if buf is None else buf[:n])
+        V = x.shape[-1]
+        lp, ls, en, lt, dx = backend.grpo_fwd(
+            x.view(n, 1, V), col(ids_v, s, e), ones[:n], adv_v[s:e], col(rw_v, s, e), col(old_v, s, e),
+            col(behavior_v, s, e), col(ref_v, s, e), o, token_level, token_level and any_grad, return_entropy,
+            True, tile,
+        )
+        logp_v[s:e] = lp.view(-1)
+        st = ls.reshape(n, -1)
+        if stats_v is None:
+            stats_v = torch.zeros(n_valid, st.shape[1], **f32)
+        stats_v[s:e] = st
+        if return_entropy:
+            ent_v[s:e] = en.view(-1)
+        if token_level:
+            loss_v[s:e] = lt.view(-1)
+            if any_grad:
+                head.backward(dx.view(n, V), h_c, grad_h, r)
+        del x, dx
+    return logp_v, stats_v, ent_v, loss_v
+
+
 def fused_linear_grpo_forward(
-    hidden, weight, bias, ids, mask, adv, rw, old, beh, ref, o: LossOptions, impl: str,
+    hidden, weight, bias, ids, mask, adv, rw, old, behavior, ref, o: LossOptions, impl: str,
     need_h: bool, need_w: bool, need_b: bool, return_entropy: bool, chunk_rows: int | None = None,
     tile: int | None = None,
 ):
     """The whole computation on canonical inputs; gradients (if asked) are for a unit upstream scalar.
 
     hidden [B, T, H]; weight [V, H]; bias [V] or None (same dtype); ids int64 [B, T]; mask int32
-    [B, T]; adv fp32 [B]; rw fp32 [B, T] (reduction weights); old/beh/ref fp32 [B, T] or None.
+    [B, T]; adv fp32 [B]; rw fp32 [B, T] (reduction weights); old/behavior/ref fp32 [B, T] or None.
     Returns (loss 0-dim fp32, logp [B, T], entropy [B, T] or None, grad_h [B, T, H] or None,
     grad_W [V, H] or None, grad_b [V] or None); gradients in the inputs' dtypes.
     """
@@ -192,17 +249,11 @@ def fused_linear_grpo_forward(
 
     # Per valid row, contiguous: a chunk's inputs are slices, viewed as [n, 1] (T = 1 for the backend).
     pick = lambda t: None if t is None else t.reshape(-1).index_select(0, rows).contiguous()
-    ids_v, rw_v, old_v, beh_v = pick(ids), pick(rw), pick(old), pick(beh)
+    ids_v, rw_v, old_v, behavior_v = pick(ids), pick(rw), pick(old), pick(behavior)
     ref_v = pick(ref) if o.beta != 0.0 else None
     adv_v = adv.index_select(0, rows // T).contiguous()
     ones = torch.ones(min(step, max(n_valid, 1)), 1, dtype=torch.int32, device=device)
-    col = lambda t, s, e: None if t is None else t[s:e].view(-1, 1)
-
     f32 = dict(dtype=torch.float32, device=device)
-    logp_v = torch.zeros(n_valid, **f32)
-    stats_v = None  # the backend's per-row softmax statistics ([n_valid, k]), kept for pass 2
-    ent_v = torch.zeros(n_valid, **f32) if return_entropy else None
-    loss_v = torch.zeros(n_valid, **f32)
 
     head = _LmHead(weight, bias, need_w, need_b and bias is not None)
     grad_h = torch.zeros(N, H, dtype=hidden.dtype, device=device) if need_h else None
@@ -212,48 +263,23 @@ def fused_linear_grpo_forward(
     # One chunk buffer for the whole call: allocating a fresh [n, V] block per chunk lets glibc raise
     # its mmap threshold and keep freed blocks resident, which showed up as ~+50% peak RSS on CPU.
     buf = None if (head.mixed or n_valid == 0) else torch.empty(min(step, n_valid), V, dtype=head.acc, device=device)
-    for s, e in _chunk_slices(n_valid, step):
-        r = rows[s:e]
-        h_c = h2.index_select(0, r)
-        n = e - s
-        x = chunk_logits(head, h_c, None if buf is None else buf[:n])
-        lp, ls, en, lt, dx = backend.grpo_fwd(
-            x.view(n, 1, V), col(ids_v, s, e), ones[:n], adv_v[s:e], col(rw_v, s, e), col(old_v, s, e),
-            col(beh_v, s, e), col(ref_v, s, e), o, token_level, token_level and any_grad, return_entropy,
-            True, tile,
-        )
-        logp_v[s:e] = lp.view(-1)
-        st = ls.reshape(n, -1)
-        if stats_v is None:
-            stats_v = torch.zeros(n_valid, st.shape[1], **f32)
-        stats_v[s:e] = st
-        if return_entropy:
-            ent_v[s:e] = en.view(-1)
-        if token_level:
-            loss_v[s:e] = lt.view(-1)
-            if any_grad:
-                head.backward(dx.view(n, V), h_c, grad_h, r)
-        del x, dx
+    logp_v, stats_v, ent_v, loss_v = _token_pass(
+        backend, head, h2, rows, step, buf, grad_h, cols=(ids_v, rw_v, old_v, behavior_v, ref_v), adv_v=adv_v,
+        ones=ones, o=o, any_grad=any_grad, return_entropy=return_entropy, tile=tile,
+    )
 
     logp = torch.zeros(N, **f32).index_copy_(0, rows, logp_v).view(B, T)
     ent = None if ent_v is None else torch.zeros(N, **f32).index_copy_(0, rows, ent_v).view(B, T)
     if token_level:
         loss_tok = torch.zeros(N, **f32).index_copy_(0, rows, loss_v).view(B, T)
     else:
-        loss_tok, g = sequence_terms(logp, mask, adv, rw, o, old=old, behavior=beh, ref=ref if o.beta != 0.0 else None)
+        ref_or_none = ref if o.beta != 0.0 else None
+        loss_tok, g = sequence_terms(logp, mask, adv, rw, o, old=old, behavior=behavior, ref=ref_or_none)
         if any_grad:
-            g_v = pick(g.to(torch.float32))
-            for s, e in _chunk_slices(n_valid, step):
-                r = rows[s:e]
-                h_c = h2.index_select(0, r)
-                n = e - s
-                x = chunk_logits(head, h_c, None if buf is None else buf[:n])
-                dx = backend.grpo_grad(
-                    x.view(n, 1, V), col(ids_v, s, e), ones[:n], _stats_rows(stats_v, s, e), col(g_v, s, e),
-                    o.temperature, True, tile,
-                )
-                head.backward(dx.view(n, V), h_c, grad_h, r)
-                del x, dx
+            _sequence_grad_pass(
+                backend, head, h2, rows, step, buf, grad_h, ids_v=ids_v, stats_v=stats_v,
+                g_v=pick(g.to(torch.float32)), ones=ones, temperature=o.temperature, tile=tile,
+            )
     loss = (rw * loss_tok).sum()
 
     grad_w = None if head.grad_w is None else head.grad_w.to(weight.dtype)
@@ -275,14 +301,14 @@ def chunk_logits(head: _LmHead, h_c: torch.Tensor, out: torch.Tensor | None = No
 
 class FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, mask, adv, rw, old, beh, ref, o: LossOptions, impl, grad_enabled,
+    def forward(ctx, hidden, weight, bias, ids, mask, adv, rw, old, behavior, ref, o: LossOptions, impl, grad_enabled,
                 return_entropy, chunk_rows, tile):
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         # An ambient autocast (trainers run the model under one) would turn the fp32 GEMMs into bf16
         # ones and round the logits; the precision here is chosen explicitly, so autocast is off.
         with torch.autocast(hidden.device.type, enabled=False):
             loss, logp, ent, gh, gw, gb = fused_linear_grpo_forward(
-                hidden, weight, bias, ids, mask, adv, rw, old, beh, ref, o, impl, need_h, need_w, need_b,
+                hidden, weight, bias, ids, mask, adv, rw, old, behavior, ref, o, impl, need_h, need_w, need_b,
                 return_entropy, chunk_rows, tile,
             )
         ctx.save_for_backward(gh, gw, gb)
@@ -312,7 +338,7 @@ def fused_linear_grpo(
     mask: torch.Tensor,
     adv: torch.Tensor,
     old: torch.Tensor | None,
-    beh: torch.Tensor | None,
+    behavior: torch.Tensor | None,
     ref: torch.Tensor | None,
     o: LossOptions,
     impl: str,
@@ -334,7 +360,7 @@ def fused_linear_grpo(
     if loss_scale != 1.0:
         rw = rw * loss_scale
     loss, logp, ent = FusedLinearGRPOLoss.apply(
-        hidden, weight, bias, ids, mask, adv, rw, old, beh, ref, o, impl, torch.is_grad_enabled(),
+        hidden, weight, bias, ids, mask, adv, rw, old, behavior, ref, o, impl, torch.is_grad_enabled(),
         return_entropy, chunk_rows, tile,
     )
     return loss, logp, (ent if return_entropy else None)

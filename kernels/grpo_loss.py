@@ -63,20 +63,20 @@ def scale_grad_(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 class FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, mask, adv, rw, old, beh, ref, o: LossOptions, impl, return_entropy, inplace,
+    def forward(ctx, logits, ids, mask, adv, rw, old, behavior, ref, o: LossOptions, impl, return_entropy, inplace,
                 tile):
         backend = backend_module(impl)
         need_grad = ctx.needs_input_grad[0]
         token_level = not o.sequence_level
         logp, stats, ent, loss_tok, dx = backend.grpo_fwd(
-            logits, ids, mask, adv, rw, old, beh, ref, o,
+            logits, ids, mask, adv, rw, old, behavior, ref, o,
             token_level, need_grad and token_level, return_entropy, inplace and need_grad, tile,
         )
         if token_level:
             loss = (rw * loss_tok).sum()
         else:
             loss_tok, g = sequence_terms(
-                logp, mask, adv, rw, o, old=old, behavior=beh, ref=ref if o.beta != 0.0 else None
+                logp, mask, adv, rw, o, old=old, behavior=behavior, ref=ref if o.beta != 0.0 else None
             )
             loss = (rw * loss_tok).sum()
             if need_grad:
@@ -105,7 +105,7 @@ def fused_grpo_loss(
     mask: torch.Tensor,
     adv: torch.Tensor,
     old: torch.Tensor | None,
-    beh: torch.Tensor | None,
+    behavior: torch.Tensor | None,
     ref: torch.Tensor | None,
     o: LossOptions,
     impl: str,
@@ -119,7 +119,7 @@ def fused_grpo_loss(
     """Kernel-level entry on validated, canonical inputs.
 
     logits [B, T, V] (stride 1 on V); ids int64 [B, T]; mask int32 [B, T]; adv fp32 [B];
-    old/beh/ref fp32 [B, T] or None, with masked positions already zeroed. ``tile`` is the
+    old/behavior/ref fp32 [B, T] or None, with masked positions already zeroed. ``tile`` is the
     backend's block (Triton BLOCK_V, torch chunk rows), for tests. ``loss_scale`` multiplies the
     reduction weights (gradient-accumulation normalizers), so no extra pass scales the gradient.
     Returns (loss, logp, entropy).
@@ -128,6 +128,6 @@ def fused_grpo_loss(
     if loss_scale != 1.0:
         rw = rw * loss_scale
     loss, logp, ent = FusedGRPOLoss.apply(
-        logits, ids, mask, adv, rw, old, beh, ref, o, impl, return_entropy, inplace, tile
+        logits, ids, mask, adv, rw, old, behavior, ref, o, impl, return_entropy, inplace, tile
     )
     return loss, logp, (ent if return_entropy else None)

@@ -70,7 +70,7 @@ def surrogate_and_grad(log_ratio: torch.Tensor, adv: torch.Tensor, o: LossOption
     return s, ds
 
 
-def behaviour_weight(old: torch.Tensor, behavior: torch.Tensor | None, cap: float):
+def behavior_weight(old: torch.Tensor, behavior: torch.Tensor | None, cap: float):
     """(w, w_raw): w = min(exp(old - behavior), cap); ones without behavior."""
     if behavior is None:
         ones = torch.ones_like(old)
@@ -103,7 +103,7 @@ def importance_weights(
       one ratio per sequence, broadcast); ``*_truncate`` clamps the ratio to [cap_min, cap],
       ``*_mask`` sets ratios outside [cap_min, cap] to 0. ``None`` bounds are open.
 
-    O(B*T); the kernels receive the result as behaviour log-probs (``kernel_behavior``).
+    O(B*T); the kernels receive the result as behavior log-probs (``kernel_behavior``).
     """
     m = mask.to(torch.float32)
     if ratio is not None:
@@ -129,7 +129,7 @@ def importance_weights(
 
 
 def kernel_behavior(old: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Behaviour log-probs that make the kernels' min(exp(old - behavior), cap) equal ``w`` when they
+    """Behavior log-probs that make the kernels' min(exp(old - behavior), cap) equal ``w`` when they
     run with cap = ``_NO_CAP``: behavior = old - log(w) (w = 0 becomes exp(-1e4) = 0 exactly). The
     round trip through log / exp costs fp32 rounding only (relative error ~|log w| * 2^-24)."""
     return (old - torch.log(w).clamp(min=_LOG_ZERO)).contiguous()
@@ -142,7 +142,7 @@ def token_terms(logp, adv, rw, o: LossOptions, old=None, behavior=None, ref=None
     """
     old_ = logp if old is None else old
     s, ds = surrogate_and_grad(logp - old_, adv, o)
-    w, _ = behaviour_weight(old_, behavior, o.is_cap)
+    w, _ = behavior_weight(old_, behavior, o.is_cap)
     loss_tok = -w * s
     dl = -w * ds
     if ref is not None and o.beta != 0.0:
@@ -169,7 +169,7 @@ def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None,
     length = m.sum(-1, keepdim=True).clamp(min=1.0)
     lr = ((logp - old_) * m).sum(-1, keepdim=True) / length
     s, ds = surrogate_and_grad(lr, adv.unsqueeze(-1), o)
-    w, _ = behaviour_weight(old_, behavior, o.is_cap)
+    w, _ = behavior_weight(old_, behavior, o.is_cap)
     loss_tok = -w * s
     g = -(rw * w).sum(-1, keepdim=True) * ds * m / length
     if ref is not None and o.beta != 0.0:
@@ -188,7 +188,7 @@ def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None,
 
 
 def loss_metrics(logp, mask, adv, o: LossOptions, old=None, behavior=None, ref=None, weights=None) -> dict:
-    """The metrics dict of DESIGN.md from per-token scalars ([B, T]); O(B*T), no pass over logits.
+    """The metrics dict of docs/loss.md from per-token scalars ([B, T]); O(B*T), no pass over logits.
 
     ``weights`` = (w, outside) from ``importance_weights`` replaces the weight from ``behavior``.
     clip_ratio_low / high are means over unmasked tokens at token level and, as TRL logs them, means
@@ -209,7 +209,7 @@ def loss_metrics(logp, mask, adv, o: LossOptions, old=None, behavior=None, ref=N
     else:
         clip_low, clip_high = (low * m).sum() / n, (high * m).sum() / n
     if weights is None:
-        w, w_raw = behaviour_weight(old_, behavior, o.is_cap)
+        w, w_raw = behavior_weight(old_, behavior, o.is_cap)
         outside = w_raw > o.is_cap
     else:
         w, outside = weights

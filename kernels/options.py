@@ -13,14 +13,14 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
 ADV_SCALES = ("group", "batch", "none")
 # TRL's vLLM importance-sampling correction modes (vllm_importance_sampling_mode), applied to the
-# behaviour / sampling log-probs; computed in torch (grpo_math.importance_weights), not in the kernels.
+# behavior / sampling log-probs; computed in torch (grpo_math.importance_weights), not in the kernels.
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Options of the GRPO loss (see DESIGN.md, "The loss").
+    """Options of the GRPO loss (see docs/loss.md).
 
     temperature: logits are divided by it before the softmax (a true division, as eager torch does);
         within [1e-6, 1e6], so the scaled logits stay finite in fp32.
@@ -30,12 +30,12 @@ class LossOptions:
     beta: k3 KL coefficient (needs ref_logps when > 0).
     loss_type: grpo | bnpo | dr_grpo | dapo (TRL's normalizers).
     importance_sampling_level: token | sequence (GSPO: masked mean of the log ratio).
-    is_cap: truncation of the behaviour weight w = min(exp(old - behavior), is_cap) (the kernels' form;
+    is_cap: truncation of the behavior weight w = min(exp(old - behavior), is_cap) (the kernels' form;
         TRL's other vLLM modes are computed in torch by grpo_math.importance_weights and reach the
         kernels as behavior = old - log(w) with no cap).
     bias_correction_kl: multiply the k3 KL term by the (unclipped) policy ratio, making its
         gradient the unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's use_bias_correction_kl).
-    is_weight_kl: let the behaviour weight w multiply the KL term too (default: the policy term
+    is_weight_kl: let the behavior weight w multiply the KL term too (default: the policy term
         only). For replayed, off-policy tokens the k3 gradient beta * (1 - exp(ref - logp)) is
         unbounded where the current policy has moved away from the token; weighted by
         w = min(pi/mu, cap) it is an importance-sampled estimate with a bounded gradient.

@@ -1,4 +1,4 @@
-"""The spec: the GRPO loss of DESIGN.md in plain torch autograd.
+"""The spec: the GRPO loss of docs/loss.md in plain torch autograd.
 
 This file is the definition every backend (torch-chunked, Triton, CUDA) must match.
 It holds whole [B, T, V] tensors in the compute dtype and is written for clarity,
@@ -83,6 +83,34 @@ def token_logps_reference(
     return logp, entropy
 
 
+def importance_weight_reference(logp, old, valid, behavior_logps, is_ratio, is_mode: str, is_cap_min, is_cap: float):
+    """The detached importance weight w [B, T] and where it was truncated or masked (``outside``):
+    1 without behavior log-probs; ``is_ratio`` as given; else rho = exp(old - behavior) per token (or
+    its product over the sequence), clamped to [is_cap_min, is_cap] or zeroed outside it (``*_mask``)."""
+    dtype = logp.dtype
+    lo = -float("inf") if is_cap_min is None else is_cap_min
+    if is_ratio is not None:
+        r = is_ratio.to(dtype).reshape(logp.size(0), -1).expand_as(logp)
+        w = torch.where(valid, r, torch.ones_like(r)).detach()
+        outside = torch.zeros_like(valid)
+    elif behavior_logps is None:
+        # no behavior policy: the tokens are on-policy and w is exactly 1, whatever is_cap is
+        w = torch.ones_like(logp)
+        outside = torch.zeros_like(valid)
+    else:
+        behavior = torch.where(valid, behavior_logps.to(dtype), old)
+        d = (old - behavior).detach()
+        if is_mode.startswith("sequence"):
+            d = d.sum(-1, keepdim=True).expand_as(logp)
+        rho = torch.exp(d)
+        outside = valid & ((rho > is_cap) | (rho < lo))
+        if is_mode.endswith("mask"):
+            w = torch.where((rho > is_cap) | (rho < lo), torch.zeros_like(rho), rho)
+        else:
+            w = torch.clamp(rho, min=lo, max=is_cap)
+    return w, outside
+
+
 def grpo_loss_reference(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -121,26 +149,7 @@ def grpo_loss_reference(
     if o.dual_clip is not None:
         surrogate = torch.where(adv < 0, torch.max(surrogate, o.dual_clip * adv), surrogate)
 
-    lo = -float("inf") if is_cap_min is None else is_cap_min
-    if is_ratio is not None:
-        r = is_ratio.to(dtype).reshape(logp.size(0), -1).expand_as(logp)
-        w = torch.where(valid, r, torch.ones_like(r)).detach()
-        outside = torch.zeros_like(valid)
-    elif behavior_logps is None:
-        # no behaviour policy: the tokens are on-policy and w is exactly 1, whatever is_cap is
-        w = torch.ones_like(logp)
-        outside = torch.zeros_like(valid)
-    else:
-        beh = torch.where(valid, behavior_logps.to(dtype), old)
-        d = (old - beh).detach()
-        if is_mode.startswith("sequence"):
-            d = d.sum(-1, keepdim=True).expand_as(logp)
-        rho = torch.exp(d)
-        outside = valid & ((rho > o.is_cap) | (rho < lo))
-        if is_mode.endswith("mask"):
-            w = torch.where((rho > o.is_cap) | (rho < lo), torch.zeros_like(rho), rho)
-        else:
-            w = torch.clamp(rho, min=lo, max=o.is_cap)
+    w, outside = importance_weight_reference(logp, old, valid, behavior_logps, is_ratio, is_mode, is_cap_min, o.is_cap)
 
     loss_tok = -(w * surrogate)
     kl = torch.zeros_like(logp)

@@ -129,7 +129,7 @@ class _Workspace:
 
 
 def grpo_fwd(
-    logits, ids, mask, adv, rw, old, beh, ref, o: LossOptions,
+    logits, ids, mask, adv, rw, old, behavior, ref, o: LossOptions,
     fused_loss: bool, compute_grad: bool, return_entropy: bool, inplace: bool, chunk_rows: int | None = None,
 ):
     B, T, V = logits.shape
@@ -160,7 +160,7 @@ def grpo_fwd(
         if fused_loss:
             take = lambda t, r=r: None if t is None else t.reshape(-1).index_select(0, r).to(torch.float32)
             c_loss, c_g = token_terms(
-                c_logp, adv.index_select(0, r // T), take(rw), o, old=take(old), behavior=take(beh),
+                c_logp, adv.index_select(0, r // T), take(rw), o, old=take(old), behavior=take(behavior),
                 ref=take(ref) if o.beta != 0.0 else None,
             )
             loss_tok[r] = c_loss

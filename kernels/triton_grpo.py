@@ -7,7 +7,7 @@ in flight fit in L2); each program loops over (b, t) rows of the logits:
   exp(x - m) over the entries other than the label and (on request) the entropy terms, and
   gathers the label logit. logp = (x_label - m) - log(q + e_label) relative to the kept max.
   For token-level losses (FUSED_LOSS) it then evaluates the per-token GRPO terms
-  (ratio, clip, dual clip, behaviour weight, k3 KL, reduction weight) in registers
+  (ratio, clip, dual clip, behavior weight, k3 KL, reduction weight) in registers
   and, when a gradient is needed, sweeps the row again to write
   ``dlogits = g * (onehot - softmax) / tau`` while the row is still hot in L2, with
   1 - p_label = q / s from the other terms. So forward and gradient are one launch.
@@ -319,7 +319,7 @@ STATS_WIDTH = 3
 
 def max_block_v(element_size: int) -> int:
     """Largest tile that compiles without register spills on sm_80 / sm_90 (checked by
-    tests/test_compile_targets.py): 8192 for 16-bit logits, 4096 for fp32 (8192 spills on sm_90)."""
+    tests/kernels/test_compile_targets.py): 8192 for 16-bit logits, 4096 for fp32 (8192 spills on sm_90)."""
     return 8192 if element_size <= 2 else 4096
 
 
@@ -425,12 +425,12 @@ def check_interpreter(t: torch.Tensor) -> None:
 
 
 def grpo_fwd(
-    logits, ids, mask, adv, rw, old, beh, ref, o: LossOptions,
+    logits, ids, mask, adv, rw, old, behavior, ref, o: LossOptions,
     fused_loss: bool, compute_grad: bool, return_entropy: bool, inplace: bool, block_v: int | None = None,
 ):
     """Launch the forward kernel over [B, T, V] logits (row stride 1 on V).
 
-    ids/mask/rw/old/beh/ref are [B, T] contiguous; adv is [B] fp32. Returns
+    ids/mask/rw/old/behavior/ref are [B, T] contiguous; adv is [B] fp32. Returns
     (logp, lse, entropy or None, loss_tok or None, dlogits or None), fp32 except dlogits.
     """
     check_interpreter(logits)
@@ -449,15 +449,15 @@ def grpo_fwd(
         _grpo_fwd_kernel[(_grid(N, V * logits.element_size(), logits.device),)](
             logits, logits.stride(0), logits.stride(1),
             ids, mask, adv if fused_loss else dummy, rw if fused_loss else dummy,
-            old if old is not None else dummy, beh if beh is not None else dummy, ref if has_ref else dummy,
+            old if old is not None else dummy, behavior if behavior is not None else dummy, ref if has_ref else dummy,
             logp, stats, ent, loss_tok,
             dx, dx.stride(0), dx.stride(1),
             N, T, V,
             float(o.temperature), 1.0 - o.epsilon_low, 1.0 + o.epsilon_high,
             float(o.delta or 0.0), float(o.dual_clip or 0.0), float(o.beta), float(o.is_cap),
-            HAS_OLD=old is not None, HAS_BEH=beh is not None, HAS_REF=has_ref,
+            HAS_OLD=old is not None, HAS_BEH=behavior is not None, HAS_REF=has_ref,
             HAS_DELTA=o.delta is not None, HAS_DUAL=o.dual_clip is not None, KL_IS=o.bias_correction_kl,
-            W_KL=o.is_weight_kl and beh is not None,
+            W_KL=o.is_weight_kl and behavior is not None,
             FUSED_LOSS=fused_loss, COMPUTE_GRAD=compute_grad, RETURN_ENT=return_entropy,
             DX_ALIGNED=_dx_aligned(logits, dx, align), BLOCK_V=BLOCK_V, ALIGN=align, TAU_ONE=o.temperature == 1.0,
             ROWS_ALIGNED=_rows_aligned(logits, align),

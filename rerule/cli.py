@@ -23,40 +23,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from rerule.config import TrainConfig, describe, sections
+from rerule.train.config import TrainConfig, describe, parse_overrides, sections
 
 # What a run writes under output_dir (removed by --overwrite; nothing else in the directory is touched).
 RUN_FILES = ("metrics.jsonl", "run_info.json", "reference.pt", "checkpoints", "final", "tensorboard", "report")
-
-
-def parse_overrides(tokens: list[str]) -> dict[str, str]:
-    """``["--a.b", "1", "--c=2", "--flag", "--set", "d.e=3"]`` ->
-    ``{"a.b": "1", "c": "2", "flag": "true", "d.e": "3"}``."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok == "--set":
-            if i + 1 >= len(tokens) or "=" not in tokens[i + 1]:
-                raise ValueError("--set expects key=value (e.g. --set replay.cap=1.5)")
-            key, value = tokens[i + 1].split("=", 1)
-            out[key.strip().replace("-", "_")] = value
-            i += 2
-            continue
-        if not tok.startswith("--") or len(tok) == 2:
-            raise ValueError(f"unexpected argument {tok!r}: overrides look like --section.key value")
-        key = tok[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            value = tokens[i + 1]
-            i += 2
-        else:
-            value = "true"
-            i += 1
-        out[key.replace("-", "_")] = value
-    return out
 
 
 def _config_epilog() -> str:
@@ -101,7 +71,7 @@ def load_config(config: str | None, extra: list[str]) -> TrainConfig:
 
 def prepare_output_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory; check it is writable (before any model is loaded)."""
-    from rerule.checkpoint import check_writable, list_checkpoints
+    from rerule.train.checkpoint import check_writable, list_checkpoints
 
     out = Path(out)
     present = [name for name in RUN_FILES if (out / name).exists()]
@@ -148,7 +118,7 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> list[dict]:
                          "pip install -e '.[tensorboard]' in the clone), or --tensorboard off")
     if int(os.environ.get("RANK", "0")) == 0:  # one process prepares the directory of a launched run
         prepare_output_dir(config.output_dir, args.resume, args.overwrite)
-    from rerule.trainer import Trainer
+    from rerule.train.trainer import Trainer
 
     evaluate_fn = make_evaluate_fn(args.eval_max_examples) if config.eval_every else None
     trainer = Trainer(config, resume=args.resume or False, evaluate_fn=evaluate_fn)
@@ -159,7 +129,7 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> list[dict]:
         print(" ".join(f"{k}={last.get(k)}" for k in keys))
         _print_sizes(trainer)
         if not args.no_report:
-            from rerule.report import write_report
+            from rerule.train.report import write_report
 
             paths = write_report(trainer.out_dir)
             print(f"report: {paths[0].parent}")
@@ -167,7 +137,7 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> list[dict]:
 
 
 def _print_sizes(trainer) -> None:
-    from rerule.checkpoint import dir_size, human_size, latest_checkpoint
+    from rerule.train.checkpoint import dir_size, human_size, latest_checkpoint
 
     latest = latest_checkpoint(trainer.ckpt_dir, verify=False)
     parts = []
@@ -193,7 +163,7 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_report(args: argparse.Namespace) -> list[Path]:
-    from rerule.report import write_report
+    from rerule.train.report import write_report
 
     paths = write_report(args.run_dir, args.out)
     for path in paths:
@@ -208,7 +178,7 @@ def _add_eval(subparsers) -> None:
 
 
 def _add_demo(subparsers) -> None:
-    from rerule.demo import add_demo_parser
+    from rerule.demo.cli import add_demo_parser
 
     add_demo_parser(subparsers)
 
@@ -226,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _demo_overrides(args: argparse.Namespace, extra: list[str]) -> None:
     """``rerule demo --train.steps 5`` is ``--set train.steps=5``; ``--config NAME`` finds a shipped config."""
-    from rerule.config import find_config
+    from rerule.train.config import find_config
 
     args.set = list(args.set or []) + [f"{k}={v}" for k, v in parse_overrides(extra).items()]
     if getattr(args, "config", None):

@@ -138,22 +138,22 @@ def fused_linear_grpo_loss(
             raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    adv, old, beh, ref = _loss_inputs(
+    adv, old, behavior, ref = _loss_inputs(
         B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
         ref_logps, beta, max_completion_length, num_items_in_batch, like=_LIKE,
     )
-    o, beh, weights = _importance_inputs(
-        o, B, T, device, valid, old, beh, is_mode, is_cap_min, is_ratio, like=_LIKE
+    o, behavior, weights = _importance_inputs(
+        o, B, T, device, valid, old, behavior, is_mode, is_cap_min, is_ratio, like=_LIKE
     )
     scale = accumulation_scale(loss_type, gradient_accumulation_steps, steps_per_generation, num_processes)
     mask = valid.to(torch.int32).contiguous()
 
     loss, logp, ent = fused_linear_grpo(
-        hidden, weight, bias, ids, mask, adv, old, beh, ref, o, impl, max_completion_length,
+        hidden, weight, bias, ids, mask, adv, old, behavior, ref, o, impl, max_completion_length,
         num_items_in_batch, return_entropy, chunk_size, loss_scale=scale,
     )
-    _check_finite(logp, valid, adv, old, beh, ref, source=_NOT_FINITE)
-    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=beh, ref=ref, weights=weights)
+    _check_finite(logp, valid, adv, old, behavior, ref, source=_NOT_FINITE)
+    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=behavior, ref=ref, weights=weights)
     if ent is not None:
         metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
     return GRPOLossOutput(loss=loss, logps=logp, entropy=ent, metrics=metrics)

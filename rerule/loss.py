@@ -1,6 +1,6 @@
 """Public loss API: argument checks, backend dispatch, outputs.
 
-``grpo_loss`` computes the GRPO / ReRULE loss of DESIGN.md from logits; the math is defined by
+``grpo_loss`` computes the GRPO / ReRULE loss of docs/loss.md from logits; the math is defined by
 ``rerule.kernels.reference.grpo_loss_reference`` and every backend is tested against it.
 """
 
@@ -169,7 +169,7 @@ def grpo_loss(
     inplace: bool = False,
     impl: str = "auto",
 ) -> GRPOLossOutput:
-    """The fused GRPO loss (DESIGN.md, "The loss") over completion logits.
+    """The fused GRPO loss (docs/loss.md) over completion logits.
 
     Args:
         logits: [B, T, V], any float dtype (math is fp32); row t scores completion token t.
@@ -182,7 +182,7 @@ def grpo_loss(
         old_logps: [B, T] log-probs of the proximal policy; None = detached current (ratio 1).
             old/behavior/ref log-probs are constants of the loss: one that requires grad is a ValueError.
         behavior_logps: [B, T] log-probs of the policy that sampled the tokens (a replay buffer's
-            behaviour policy, or vLLM's sampling log-probs); gives the detached weight w on the
+            behavior policy, or vLLM's sampling log-probs); gives the detached weight w on the
             policy term, by default w = min(exp(old - behavior), is_cap).
         is_mode: how w is formed from behavior_logps, TRL's ``vllm_importance_sampling_mode``:
             "token_truncate" (default) w_t = clamp(exp(old_t - beh_t), is_cap_min, is_cap);
@@ -238,11 +238,11 @@ def grpo_loss(
         is_cap=is_cap, bias_correction_kl=bias_correction_kl, is_weight_kl=is_weight_kl,
     )
     impl = _resolve_impl(impl, device)
-    adv, old, beh, ref = _loss_inputs(
+    adv, old, behavior, ref = _loss_inputs(
         B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
         ref_logps, beta, max_completion_length, num_items_in_batch,
     )
-    o, beh, weights = _importance_inputs(o, B, T, device, valid, old, beh, is_mode, is_cap_min, is_ratio)
+    o, behavior, weights = _importance_inputs(o, B, T, device, valid, old, behavior, is_mode, is_cap_min, is_ratio)
     scale = accumulation_scale(loss_type, gradient_accumulation_steps, steps_per_generation, num_processes)
     if inplace and logits.stride(-1) != 1:
         raise ValueError("inplace=True needs logits with a contiguous vocab dimension")
@@ -250,15 +250,15 @@ def grpo_loss(
     mask = valid.to(torch.int32).contiguous()
     if inplace and logits.requires_grad and torch.is_grad_enabled():
         # everything that can fail after the kernel is checked before it overwrites the logits
-        _check_finite(torch.zeros(B, T, device=device), valid, adv, old, beh, ref)
+        _check_finite(torch.zeros(B, T, device=device), valid, adv, old, behavior, ref)
         _check_logits_before_overwrite(x, ids, valid)
 
     loss, logp, ent = fused_grpo_loss(
-        x, ids, mask, adv, old, beh, ref, o, impl, max_completion_length, num_items_in_batch,
+        x, ids, mask, adv, old, behavior, ref, o, impl, max_completion_length, num_items_in_batch,
         return_entropy, inplace, loss_scale=scale,
     )
-    _check_finite(logp, valid, adv, old, beh, ref)
-    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=beh, ref=ref, weights=weights)
+    _check_finite(logp, valid, adv, old, behavior, ref)
+    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=behavior, ref=ref, weights=weights)
     if ent is not None:
         metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
     return GRPOLossOutput(loss=loss, logps=logp, entropy=ent, metrics=metrics)
@@ -303,9 +303,9 @@ def _loss_inputs(B, T, device, valid, advantages, rewards, group_size, scale_rew
             # the loss treats these as constants: a gradient would silently never reach them
             raise ValueError(f"{name} requires grad, but the loss treats it as a constant: pass {name}.detach()")
     old = _canonical("old_logps", old_logps, B, T, device, valid, like)
-    beh = _canonical("behavior_logps", behavior_logps, B, T, device, valid, like)
+    behavior = _canonical("behavior_logps", behavior_logps, B, T, device, valid, like)
     ref = _canonical("ref_logps", ref_logps, B, T, device, valid, like)
-    return adv, old, beh, ref
+    return adv, old, behavior, ref
 
 
 def _positive_int(name, value):
@@ -329,12 +329,12 @@ def accumulation_scale(loss_type, gradient_accumulation_steps=1, steps_per_gener
     return 1.0 / gradient_accumulation_steps
 
 
-def _importance_inputs(o, B, T, device, valid, old, beh, is_mode, is_cap_min, is_ratio, like="logits"):
-    """(options, kernel behaviour log-probs, (w, outside) or None).
+def _importance_inputs(o, B, T, device, valid, old, behavior, is_mode, is_cap_min, is_ratio, like="logits"):
+    """(options, kernel behavior log-probs, (w, outside) or None).
 
-    The default (token_truncate, no lower bound, no ratio) stays in the kernels as w = min(exp(old - beh),
+    The default (token_truncate, no lower bound, no ratio) stays in the kernels as w = min(exp(old - behavior),
     is_cap). Every other mode's weight is computed here once, O(B*T), and handed to the kernels as
-    behaviour log-probs old - log(w) with no cap."""
+    behavior log-probs old - log(w) with no cap."""
     if is_mode not in IS_MODES:
         raise ValueError(f"is_mode must be one of {IS_MODES}, got {is_mode!r}")
     if is_cap_min is not None:
@@ -343,7 +343,7 @@ def _importance_inputs(o, B, T, device, valid, old, beh, is_mode, is_cap_min, is
         if not (math.isfinite(is_cap_min) and 0 <= is_cap_min <= o.is_cap):
             raise ValueError(f"is_cap_min must lie in [0, is_cap={o.is_cap}], got {is_cap_min}")
     if is_ratio is not None:
-        if beh is not None:
+        if behavior is not None:
             raise ValueError("pass at most one of behavior_logps and is_ratio")
         _check_tensor("is_ratio", is_ratio, floating=True, device=device, like=like)
         if tuple(is_ratio.shape) not in ((B, T), (B, 1), (B,)):
@@ -351,27 +351,27 @@ def _importance_inputs(o, B, T, device, valid, old, beh, is_mode, is_cap_min, is
         r = is_ratio.detach().to(torch.float32).reshape(B, -1).expand(B, T)
         if not bool(torch.where(valid, torch.isfinite(r) & (r >= 0), True).all()):
             raise ValueError("is_ratio must be finite and >= 0 where completion_mask is 1")
-    elif beh is None or (is_mode == "token_truncate" and is_cap_min is None):
-        return o, beh, None
+    elif behavior is None or (is_mode == "token_truncate" and is_cap_min is None):
+        return o, behavior, None
     if old is None:
         raise ValueError(
             f"is_ratio / is_mode={is_mode!r} / is_cap_min need old_logps (the weight is computed before the "
             "kernel; only the default token_truncate weight can use the current log-probs as old)"
         )
-    w, outside = importance_weights(valid, old, beh, is_mode, o.is_cap, is_cap_min, ratio=is_ratio)
+    w, outside = importance_weights(valid, old, behavior, is_mode, o.is_cap, is_cap_min, ratio=is_ratio)
     return replace(o, is_cap=_NO_CAP), kernel_behavior(old, w), (w, outside)
 
 
 _LOGITS_NOT_FINITE = "logits (a NaN/+inf entry, or -inf on a selected completion token)"
 
 
-def _check_finite(logp, valid, adv, old, beh, ref, source=_LOGITS_NOT_FINITE):
+def _check_finite(logp, valid, adv, old, behavior, ref, source=_LOGITS_NOT_FINITE):
     # One host sync for all checks: a NaN or +inf logit, or a -inf logit on a chosen token, shows up
     # in logp; the optional log-prob inputs are checked where the mask is 1.
     names = [source, "advantages"]
     # where(), not boolean indexing: no extra host sync for the nonzero count
     checks = [torch.isfinite(torch.where(valid, logp, 0.0)).all(), torch.isfinite(adv).all()]
-    for name, t in (("old_logps", old), ("behavior_logps", beh), ("ref_logps", ref)):
+    for name, t in (("old_logps", old), ("behavior_logps", behavior), ("ref_logps", ref)):
         if t is not None:
             names.append(name)
             checks.append(torch.isfinite(torch.where(valid, t, 0.0)).all())

@@ -100,7 +100,7 @@ def test_model_paths_resolve(tmp_path):
     """name_or_path: a .gguf file, a folder with one .gguf, 'smollm2' (the installed package's file)."""
     import importlib.util
 
-    from rerule.model import resolve_pretrained
+    from rerule.train.model import resolve_pretrained
 
     gguf = tmp_path / "m.Q4.gguf"
     gguf.write_bytes(b"GGUF")

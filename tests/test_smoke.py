@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rerule import cli
-from rerule.config import TrainConfig
+from rerule.train.config import TrainConfig
 
 
 def _mean(xs):

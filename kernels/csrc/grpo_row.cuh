@@ -323,7 +323,7 @@ struct TokenParams {
   float lo, hi, delta, dual_c, beta, is_cap;
   bool has_delta, has_dual;
   bool kl_is;  // bias-corrected KL: the k3 term times the unclipped ratio r (Triton's KL_IS)
-  bool w_kl;   // is_weight_kl: the behaviour weight w multiplies the KL term too (Triton's W_KL)
+  bool w_kl;   // is_weight_kl: the behavior weight w multiplies the KL term too (Triton's W_KL)
 };
 
 struct TokenTerms {

@@ -72,7 +72,7 @@ typedef struct RerGrpoArgs {
   int32_t dtype;           /* RERULE_DTYPE_* */
   int32_t has_delta, has_dual;
   int32_t bias_correction_kl; /* k3 KL term (and its gradient) times exp(logp - old), unclipped */
-  int32_t is_weight_kl;    /* the behaviour weight w also multiplies the KL term */
+  int32_t is_weight_kl;    /* the behavior weight w also multiplies the KL term */
   int32_t fused_loss;      /* compute loss_tok (token-level GRPO terms) */
   int32_t compute_grad;    /* write dlogits (needs fused_loss) */
   int32_t return_entropy;

@@ -82,33 +82,7 @@ def load_muse(
         for r in split_rows[boundary]
     ]
 
-    def knowmem(name: str, split: str, icl: str) -> ProbeSet:
-        recs = [ProbeRecord(r["question"], r["answer"], subject) for r in split_rows[split]]
-        return ProbeSet(
-            name, recs, ("rouge_l_f1",), KNOWMEM_FORMAT, prefix=_few_shot(split_rows[icl]),
-            max_new_tokens=KNOWMEM_TOKENS, stop_at_newline=False,  # MUSE cuts at "\n\n" / "Question" instead
-        )  # fmt: skip
-
-    probes = {
-        "knowmem_forget": knowmem("knowmem_forget", "forget_qa", "forget_qa_icl"),
-        "knowmem_retain": knowmem("knowmem_retain", "retain_qa", "retain_qa_icl"),
-        "verbmem_forget": ProbeSet(
-            "verbmem_forget",
-            [ProbeRecord(r["prompt"], r["gt"], subject, kind="completion") for r in verb],
-            ("rouge_l_f1",),
-            "{prompt}",  # MUSE feeds the raw excerpt (VERBMEM_FORMAT is the training format only)
-            max_new_tokens=VERBMEM_TOKENS,
-            stop_at_newline=False,
-        ),
-    }
-    for split, rows in priv.items():
-        probes[f"privleak_{split}"] = ProbeSet(
-            f"privleak_{split}",
-            [ProbeRecord("", r["text"], kind="text") for r in rows],
-            ("min_k_prob",),
-            "{prompt}",
-            stop_at_newline=False,
-        )
+    probes = _probe_sets(split_rows, verb, priv, subject)
 
     documents = []
     if raw:
@@ -137,3 +111,35 @@ def load_muse(
             "files": files,
         },
     )
+
+
+def _probe_sets(split_rows: dict, verb: list, priv: dict, subject: str) -> dict[str, ProbeSet]:
+    """KnowMem (forget / retain QA with their in-context examples), VerbMem and the PrivLeak text sets."""
+    def knowmem(name: str, split: str, icl: str) -> ProbeSet:
+        recs = [ProbeRecord(r["question"], r["answer"], subject) for r in split_rows[split]]
+        return ProbeSet(
+            name, recs, ("rouge_l_f1",), KNOWMEM_FORMAT, prefix=_few_shot(split_rows[icl]),
+            max_new_tokens=KNOWMEM_TOKENS, stop_at_newline=False,  # MUSE cuts at "\n\n" / "Question" instead
+        )  # fmt: skip
+
+    probes = {
+        "knowmem_forget": knowmem("knowmem_forget", "forget_qa", "forget_qa_icl"),
+        "knowmem_retain": knowmem("knowmem_retain", "retain_qa", "retain_qa_icl"),
+        "verbmem_forget": ProbeSet(
+            "verbmem_forget",
+            [ProbeRecord(r["prompt"], r["gt"], subject, kind="completion") for r in verb],
+            ("rouge_l_f1",),
+            "{prompt}",  # MUSE feeds the raw excerpt (VERBMEM_FORMAT is the training format only)
+            max_new_tokens=VERBMEM_TOKENS,
+            stop_at_newline=False,
+        ),
+    }
+    for split, rows in priv.items():
+        probes[f"privleak_{split}"] = ProbeSet(
+            f"privleak_{split}",
+            [ProbeRecord("", r["text"], kind="text") for r in rows],
+            ("min_k_prob",),
+            "{prompt}",
+            stop_at_newline=False,
+        )
+    return probes

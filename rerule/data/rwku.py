@@ -74,46 +74,11 @@ def load_rwku(
     """
     check_config("rwku forget_from", forget_from, ("probes", "train_refusal_llama3"))
     tgt_rows, tgt_origin = _rows("forget_target", data_dir, ("target", "intro"))
-    names = [r["target"] for r in tgt_rows]
-    if targets is None:
-        chosen = names
-    elif isinstance(targets, int):
-        if targets < 1:
-            raise ValueError(f"targets must be >= 1 when an int, got {targets}")
-        chosen = names[:targets]
-    else:
-        unknown = [t for t in targets if t not in names]
-        if unknown:
-            raise ValueError(f"targets {unknown} are not in {tgt_origin} (field 'target')")
-        chosen = list(targets)
+    chosen = _choose_targets(targets, [r["target"] for r in tgt_rows], tgt_origin)
     keep = set(chosen)
     files = {"forget_target": tgt_origin}
 
-    probes = {}
-    for config in (*PROBE_CONFIGS, *MIA_CONFIGS):
-        is_mia = config in MIA_CONFIGS
-        rows, files[config] = _rows(
-            config, data_dir, ("text",) if is_mia else PROBE_FIELDS, optional=("subject", "level", "type")
-        )
-        rows = [r for r in rows if r.get("subject") is None or r["subject"] in keep]
-        if is_mia:
-            recs = [ProbeRecord("", r["text"], r.get("subject"), kind="text") for r in rows]
-            probes[config] = ProbeSet(config, recs, ("min_k_prob",), "{prompt}", stop_at_newline=False)
-            continue
-        recs = [
-            ProbeRecord(
-                r["query"],
-                r["answer"],
-                r["subject"],
-                kind=_kind(config, r["query"]),
-                meta={"level": r.get("level"), "type": r.get("type")},
-            )  # fmt: skip
-            for r in rows
-        ]
-        probes[config] = ProbeSet(
-            config, recs, ("rouge_l_recall",), QA_FORMAT, max_new_tokens=MAX_NEW_TOKENS,
-            kind_formats={"fill_blank": FB_FORMAT},
-        )  # fmt: skip
+    probes = _probe_sets(data_dir, keep, files)
 
     extras = {}
     try:
@@ -159,3 +124,48 @@ def load_rwku(
             "files": files,
         },
     )
+
+
+def _choose_targets(targets, names: list[str], origin: str) -> list[str]:
+    """The target names ``targets`` selects (None: all; an int: the first N; a list: those names)."""
+    if targets is None:
+        return names
+    if isinstance(targets, int):
+        if targets < 1:
+            raise ValueError(f"targets must be >= 1 when an int, got {targets}")
+        return names[:targets]
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ValueError(f"targets {unknown} are not in {origin} (field 'target')")
+    return list(targets)
+
+
+def _probe_sets(data_dir, keep: set[str], files: dict) -> dict[str, ProbeSet]:
+    """Every probe and MIA config's ProbeSet, restricted to the ``keep`` targets; records each file's
+    origin in ``files``."""
+    probes = {}
+    for config in (*PROBE_CONFIGS, *MIA_CONFIGS):
+        is_mia = config in MIA_CONFIGS
+        rows, files[config] = _rows(
+            config, data_dir, ("text",) if is_mia else PROBE_FIELDS, optional=("subject", "level", "type")
+        )
+        rows = [r for r in rows if r.get("subject") is None or r["subject"] in keep]
+        if is_mia:
+            recs = [ProbeRecord("", r["text"], r.get("subject"), kind="text") for r in rows]
+            probes[config] = ProbeSet(config, recs, ("min_k_prob",), "{prompt}", stop_at_newline=False)
+            continue
+        recs = [
+            ProbeRecord(
+                r["query"],
+                r["answer"],
+                r["subject"],
+                kind=_kind(config, r["query"]),
+                meta={"level": r.get("level"), "type": r.get("type")},
+            )  # fmt: skip
+            for r in rows
+        ]
+        probes[config] = ProbeSet(
+            config, recs, ("rouge_l_recall",), QA_FORMAT, max_new_tokens=MAX_NEW_TOKENS,
+            kind_formats={"fill_blank": FB_FORMAT},
+        )  # fmt: skip
+    return probes

@@ -255,34 +255,10 @@ def synthetic_world(
         a bio and every question/answer line per entity (``task.corpus()``);
         ``meta["entities"]``: dicts with name, first, last, role, pair, attrs.
     """
-    if not 0.0 <= hardness <= 1.0:
-        raise ValueError(f"hardness must be in [0, 1], got {hardness}")
-    if not 1 <= n_attributes <= len(ATTRIBUTES):
-        raise ValueError(f"n_attributes must be in [1, {len(ATTRIBUTES)}], got {n_attributes}")
-    if not 1 <= n_templates <= 3:
-        raise ValueError(f"n_templates must be in [1, 3], got {n_templates}")
-    for arg, n in (("n_forget", n_forget), ("n_boundary", n_boundary), ("n_retain", n_retain)):
-        if n < (1 if arg == "n_forget" else 0):
-            raise ValueError(f"{arg} must be >= {1 if arg == 'n_forget' else 0}, got {n}")
-    if n_forget + n_boundary + n_retain > len(FIRST) * len(LAST) // 4:
-        raise ValueError("too many entities for the name pools")
+    _check_world_args(hardness, n_forget, n_boundary, n_retain, n_attributes, n_templates)
     attributes = list(ATTRIBUTES)[:n_attributes]
 
-    # Forget and retain entities come from their own stream, so the knob changes boundary entities only.
-    rng = random.Random(seed)
-    taken: set[str] = set()
-    forget, retain = [], []
-    for role, n, out in (("forget", n_forget, forget), ("retain", n_retain, retain)):
-        for _ in range(n):
-            first, last = _fresh_name(rng, taken)
-            taken.add(f"{first} {last}")
-            out.append(Entity(first, last, _random_attrs(rng), role))
-    boundary = []
-    for i in range(n_boundary):
-        # One stream per boundary entity: its draws do not depend on the branches taken before it.
-        b = _boundary(random.Random(f"{seed}:boundary:{i}"), forget[i % n_forget], hardness, taken, forget)
-        taken.add(b.name)
-        boundary.append(b)
+    forget, boundary, retain = _entities(seed, hardness, n_forget, n_boundary, n_retain)
 
     entities = forget + boundary + retain
     documents = []
@@ -330,3 +306,37 @@ def synthetic_world(
             ],
         },
     )
+
+
+def _check_world_args(hardness, n_forget, n_boundary, n_retain, n_attributes, n_templates) -> None:
+    if not 0.0 <= hardness <= 1.0:
+        raise ValueError(f"hardness must be in [0, 1], got {hardness}")
+    if not 1 <= n_attributes <= len(ATTRIBUTES):
+        raise ValueError(f"n_attributes must be in [1, {len(ATTRIBUTES)}], got {n_attributes}")
+    if not 1 <= n_templates <= 3:
+        raise ValueError(f"n_templates must be in [1, 3], got {n_templates}")
+    for arg, n in (("n_forget", n_forget), ("n_boundary", n_boundary), ("n_retain", n_retain)):
+        if n < (1 if arg == "n_forget" else 0):
+            raise ValueError(f"{arg} must be >= {1 if arg == 'n_forget' else 0}, got {n}")
+    if n_forget + n_boundary + n_retain > len(FIRST) * len(LAST) // 4:
+        raise ValueError("too many entities for the name pools")
+
+
+def _entities(seed: int, hardness: float, n_forget: int, n_boundary: int, n_retain: int):
+    """(forget, boundary, retain) entities with unique names."""
+    # Forget and retain entities come from their own stream, so the knob changes boundary entities only.
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    forget, retain = [], []
+    for role, n, out in (("forget", n_forget, forget), ("retain", n_retain, retain)):
+        for _ in range(n):
+            first, last = _fresh_name(rng, taken)
+            taken.add(f"{first} {last}")
+            out.append(Entity(first, last, _random_attrs(rng), role))
+    boundary = []
+    for i in range(n_boundary):
+        # One stream per boundary entity: its draws do not depend on the branches taken before it.
+        b = _boundary(random.Random(f"{seed}:boundary:{i}"), forget[i % n_forget], hardness, taken, forget)
+        taken.add(b.name)
+        boundary.append(b)
+    return forget, boundary, retain

@@ -156,7 +156,31 @@ def load_tofu(
         if j not in used
     ]
 
-    probes, origins = {}, {forget: f_origin, retain_cfg: r_origin}
+    origins = {forget: f_origin, retain_cfg: r_origin}
+    probes = _probe_sets(forget, data_dir, qpa, origins)
+
+    fmt = {"qa": PROMPT_FORMAT, "fill_blank": PROMPT_FORMAT, "completion": "{prompt}", "text": "{prompt}"}
+    return UnlearningTask(
+        name=f"tofu/{forget}",
+        forget=forget_records,
+        boundary=boundary_records,
+        retain=retain_records,
+        probes=probes,
+        prompt_formats=fmt,
+        meta={
+            "benchmark": "tofu",
+            "hub_id": HUB_ID,
+            "forget": forget,
+            "retain": retain_cfg,
+            "files": origins,
+        },
+    )
+
+
+def _probe_sets(forget: str, data_dir, qpa: int, origins: dict) -> dict[str, ProbeSet]:
+    """The perturbed-answer probe sets (forget, retain, real authors, world facts) and, when present,
+    the holdout set; records each file's origin in ``origins``."""
+    probes = {}
     for name, cfg, para in (
         ("forget", f"{forget}_perturbed", True),
         ("retain", "retain_perturbed", True),
@@ -181,20 +205,4 @@ def load_tofu(
         )  # fmt: skip
     except FileNotFoundError:
         pass  # a local copy without the holdout set: no PrivLeak
-
-    fmt = {"qa": PROMPT_FORMAT, "fill_blank": PROMPT_FORMAT, "completion": "{prompt}", "text": "{prompt}"}
-    return UnlearningTask(
-        name=f"tofu/{forget}",
-        forget=forget_records,
-        boundary=boundary_records,
-        retain=retain_records,
-        probes=probes,
-        prompt_formats=fmt,
-        meta={
-            "benchmark": "tofu",
-            "hub_id": HUB_ID,
-            "forget": forget,
-            "retain": retain_cfg,
-            "files": origins,
-        },
-    )
+    return probes

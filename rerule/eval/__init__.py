@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib
 
-# Lazy exports (PEP 562): `import rerule.eval.refusal` (the trainer's reward path) must not pay for
-# scipy, transformers and the evaluators.
+# Lazy exports (PEP 562): `import rerule.eval.rouge_pkg` (the trainer's reward path) must not pay for
+# scipy, transformers and the evaluators. The refusal names are re-exported from the leaf `rerule.refusal`.
 _EXPORTS = {
     "TOFU_UTILITY_KEYS": "metrics", "RougeL": "metrics", "forget_quality": "metrics", "mia_auc": "metrics",
     "min_k_prob": "metrics", "model_utility": "metrics", "privleak": "metrics", "rouge_l": "metrics",
@@ -34,7 +34,9 @@ def __getattr__(name):
     if name == "EVALUATORS":
         return {bench: __getattr__(fn) for bench, fn in _EVALUATOR_NAMES.items()}
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]
+        path = "rerule.refusal" if module == "refusal" else f"{__name__}.{module}"
+        return getattr(importlib.import_module(path), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -104,8 +104,7 @@ def _table(metrics: dict[str, float]) -> str:
 
 def resolve_task_config(args: argparse.Namespace, extra: list[str] | None = None):
     """The TrainConfig whose ``task`` is scored: ``--config`` + overrides + the shorthand flags."""
-    from rerule.cli import parse_overrides
-    from rerule.config import TrainConfig, find_config
+    from rerule.train.config import TrainConfig, find_config, parse_overrides
 
     config = args.config
     if config and FORGET_SPLITS.match(config) and not Path(config).is_file():
@@ -138,7 +137,7 @@ def run_eval(args: argparse.Namespace, extra: list[str] | None = None) -> dict[s
     import torch
 
     from rerule.eval import evaluate
-    from rerule.model import load_pretrained
+    from rerule.train.model import load_pretrained
     from rerule.version import __version__
 
     cfg = resolve_task_config(args, extra)

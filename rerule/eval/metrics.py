@@ -36,8 +36,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import stats
 
-from rerule.eval.refusal import refusal_rate
 from rerule.eval.rouge_pkg import RougeL, rouge_pkg_l, rouge_pkg_l_recall
+from rerule.refusal import refusal_rate
 
 # MUSE's published PrivLeak reference: the retrained model's AUC, used when no retrained model is given.
 MUSE_REFERENCE_AUC = {"books": 0.5393, "news": 0.4772}

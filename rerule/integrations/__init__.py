@@ -7,6 +7,6 @@
 - ``rerule.integrations.openrlhf``: ``PolicyLoss``, an ``nn.Module`` with OpenRLHF's interface.
 
 Each submodule is imported on its own, so ``import rerule.integrations`` pulls in none of the
-frameworks. Parity with each framework's own loss is what the tests in ``tests/test_integration_*``
+frameworks. Parity with each framework's own loss is what the tests in ``tests/integrations/``
 check; the README's "Using rerule inside TRL / verl / OpenRLHF" shows how to use each one.
 """
