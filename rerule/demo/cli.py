@@ -10,11 +10,12 @@ What runs (every setting is in ``rerule/configs/demo.yaml``):
 
 1. the synthetic world; a BPE tokenizer trained on its text; a tiny Llama pre-trained on its QA
    pairs until greedy answers are right (cached under ``cache_dir``, see ``rerule.demo.world``);
-2. the warm start (rejection steering) once, then four arms from that same model, with the same
-   seed and step budget: RULE, RULE + prioritized prompt sampling (the on-policy control), ReRULE,
-   ReRULE + prioritized sampling;
+2. the warm start once (``warm_start.mode``: with_answers, or RULE's refusals-only
+   rejection_steering), then four arms from that same model, with the same seed and step budget:
+   RULE, RULE + prioritized prompt sampling (the on-policy control), ReRULE, ReRULE + prioritized;
 3. greedy evaluation on the forget, boundary and retain sets every ``eval.every`` steps;
-4. a table on stdout, ``report.json``, ``report.md`` and PNG plots (``rerule.demo.report``).
+4. the arms at matched forgetting (``rerule.demo.matched``), then the final table on stdout,
+   ``report.json``, ``report.md`` and PNG plots (``rerule.demo.report``).
 
 Compute is counted per arm from the trainer's own per-step metrics: generated tokens, training
 forward/backward tokens, wall time of the steps (evaluation excluded) and the process CPU time.
