@@ -328,7 +328,8 @@ def test_emulated_masked_rows_extreme_logits_and_inplace(level, emulated):
 @needs_nvcc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_emulated_low_precision_tolerance_rule(dtype, emulated):
-    """|ours - ref_fp64| <= 2 |eager_lowp - ref_fp64| + floor (STYLE.md), logps and gradient."""
+    """|ours - ref_fp64| <= 2 |eager_lowp - ref_fp64| + floor (docs/kernels.md, "How the tests judge
+    accuracy"), logps and gradient."""
     inputs = make_inputs(2, 6, 1007, seed=9, dtype=dtype)
     mask = inputs["completion_mask"].bool()
     loss_r, logp_r, _, _, grad_r = reference(inputs, beta=0.05)

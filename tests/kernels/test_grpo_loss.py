@@ -183,7 +183,7 @@ def test_non_finite_logits_are_an_error(impl, bad):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_bf16_logits_tolerance_rule(impl):
-    """|ours_bf16 - ref_fp64| <= 2 |eager_bf16 - ref_fp64| + floor (STYLE.md)."""
+    """|ours_bf16 - ref_fp64| <= 2 |eager_bf16 - ref_fp64| + floor (docs/kernels.md, "How the tests judge accuracy")."""
     inputs = make_inputs(2, 6, 1007, seed=9, dtype=torch.bfloat16)
     opts = dict(beta=0.05)
     loss_r, logp_r, _, _, grad_r = reference(inputs, **opts)
