@@ -333,7 +333,8 @@ def rates(median_s: float, floor_bytes: float, floor_flops: float, roof: dict) -
 # ----------------------------------------------------------------------------- correctness gate
 
 # The low-precision rule of docs/kernels.md ("How the tests judge accuracy"):
-# |impl - ref_hi| <= 2 |torch_lo - ref_hi| + floor, here with relative norms. fp32 (and fp64) outputs are compared straight to the fp64/fp32 reference.
+# |impl - ref_hi| <= 2 |torch_lo - ref_hi| + floor, here with relative norms. fp32 (and fp64) outputs
+# are compared straight to the fp64/fp32 reference.
 LO_FLOOR = 1e-5
 FP32_RTOL = 1e-5
 # A loss can sit near 0 (advantages of both signs): relative errors use at least this scale.
