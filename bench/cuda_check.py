@@ -12,7 +12,8 @@ logps, entropy and d loss / d logits under a random upstream scale): awkward sha
 thread counts 32 and 1024, the shared-memory cache off / partial / auto) and real vocabularies
 (32000, 128256, 151936) at a few rows. Tolerance (docs/kernels.md, "How the tests judge accuracy"):
 bf16/fp16 outputs must satisfy max|ours - ref_fp64| <= 2 max|eager_lowp - ref_fp64| + floor, where
-eager_lowp runs log_softmax and its backward in the logits dtype; fp32 outputs are held to 2e-5 relative of the fp64 reference.
+eager_lowp runs log_softmax and its backward in the logits dtype; fp32 outputs are held to 2e-5
+relative of the fp64 reference.
 
 Timings (only when every check passed): the backend calls themselves (no autograd around them),
 CUDA events, median of reps, for impl cuda (cache auto / off / 2-blocks-per-SM) and triton:
