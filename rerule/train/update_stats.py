@@ -103,6 +103,8 @@ class UpdateStats:
         out.update({
             "loss_replay": r.loss, "replay_tokens": r.tokens,
             "replay_kl": r.kl / max(r.tokens, 1.0),
+            "replay_clip_ratio_low": r.clip_ratio_low / max(r.tokens, 1.0),
+            "replay_clip_ratio_high": r.clip_ratio_high / max(r.tokens, 1.0),
             # a rank without replayed rows in a step where other ranks have some reports 0.0
             "replay_advantages": r.advantages if r.advantages is not None else 0.0,
             "is_weight_mean": w.w / n, "is_weight_max": w.w_max,

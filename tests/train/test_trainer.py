@@ -421,6 +421,9 @@ def test_consistent_replay_run_logs_zero_advantage_sums(tmp_path):
         sums = [m[k] for k in ("replay_adv_sum_forget", "replay_adv_sum_boundary") if m[k] is not None]
         assert sums and max(abs(x) for x in sums) < 1e-4
         assert 1.0 <= m["replay_ess"] <= 8.0 + 1e-9 and 0 < m["is_weight_max"] <= 8.0
+        # one update per rollout batch: the ratio against the current policy is 1, nothing is clipped
+        assert m["replay_clip_ratio_low"] == 0.0 and m["replay_clip_ratio_high"] == 0.0
+    assert all(m["replay_clip_ratio_low"] is None for m in hist if not m["replay_groups"])
     assert all(m["boundary_collapsed_prompts"] >= 0 and m["boundary_all_refuse_groups"] >= 0 for m in hist)
 
 
