@@ -10,15 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from rerule.kernels.options import ADV_SCALES, IS_LEVELS, LOSS_TYPES, LossOptions
+from rerule.loss import IMPLS
+from rerule.train.rewards import RULE_NAMES, VARIANTS
 
 TASKS = ("synthetic", "tofu", "muse", "rwku", "custom")
 # "auto": by task (rwku -> two_stage_target, muse / tofu / synthetic -> two_stage); RULE's own names also work.
-REWARD_VARIANTS = (
-    "auto", "two_stage", "two_stage_target", "forget", "forget_abs", "forget_half_reject", "forget_abs_half_reject",
-    "two_stage_abs", "two_stage_target_half_reject", "reject_behave",
-    "forget_two_stage", "forget_two_stage_abs", "forget_two_stage_abs_target",
-    "forget_two_stage_abs_target_half_reject", "reject_behave_reward",
-)  # fmt: skip
+REWARD_VARIANTS = ("auto", *VARIANTS, *(name for name in RULE_NAMES.values() if name not in VARIANTS))
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -160,8 +157,8 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    variant: str = _help("auto (by task: rwku two_stage_target, else two_stage) or a RULE variant "
-                         "(docs/benchmarks.md)", "auto")  # fmt: skip
+    variant: str = _help(f"auto (by task: rwku two_stage_target, else two_stage) or a RULE variant "
+                         f"(docs/benchmarks.md), one of {REWARD_VARIANTS[1:]}", "auto")  # fmt: skip
     rouge_threshold: float | None = _help("ROUGE-L recall threshold (None: the variant's, 0.3 or 0.5)", None)
 
     def __post_init__(self):
@@ -201,14 +198,14 @@ class LossConfig:
     importance_sampling_level: str = _help("token or sequence (GSPO) ratio", "token")
     scale_rewards: str = _help(f"advantage scale, one of {ADV_SCALES}", "group")
     loss_impl: str = _help("auto (fused_linear on CUDA, else logits), fused_linear, logits", "auto")
-    kernel_impl: str = _help("backend of the loss kernels: auto, torch, triton, cuda", "auto")
+    kernel_impl: str = _help(f"backend of the loss kernels, one of {IMPLS}", "auto")
 
     def __post_init__(self):
         _choice("loss.loss_type", self.loss_type, LOSS_TYPES)
         _choice("loss.importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
         _choice("loss.scale_rewards", self.scale_rewards, ADV_SCALES)
         _choice("loss.loss_impl", self.loss_impl, ("auto", "fused_linear", "logits"))
-        _choice("loss.kernel_impl", self.kernel_impl, ("auto", "torch", "triton", "cuda"))
+        _choice("loss.kernel_impl", self.kernel_impl, IMPLS)
         try:
             LossOptions(epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
                         dual_clip=self.dual_clip, loss_type=self.loss_type,
