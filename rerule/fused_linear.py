@@ -9,26 +9,15 @@ import numbers
 import torch
 
 from rerule.kernels.fused_linear import fused_linear_grpo
-from rerule.kernels.grpo_math import loss_metrics
-from rerule.kernels.options import LossOptions
-from rerule.loss import (
-    GRPOLossOutput,
-    _check_finite,
-    _check_ids,
-    _check_tensor,
-    _importance_inputs,
-    _loss_inputs,
-    _resolve_impl,
-    accumulation_scale,
-)
+from rerule.loss import LOSS_ARGUMENTS, GRPOLossOutput, check_loss_inputs, check_tensor, loss_output
 
 _LIKE = "hidden"
 _NOT_FINITE = "hidden/weight/bias (a NaN/inf entry, or a logit of -inf on a selected completion token)"
 
 
 def _check_linear(hidden, weight, bias):
-    _check_tensor("hidden", hidden, ndim=3, floating=True)
-    _check_tensor("weight", weight, ndim=2, floating=True)
+    check_tensor("hidden", hidden, ndim=3, floating=True)
+    check_tensor("weight", weight, ndim=2, floating=True)
     B, T, H = hidden.shape
     V, H_w = weight.shape
     if H_w != H:
@@ -45,7 +34,7 @@ def _check_linear(hidden, weight, bias):
             "(the GEMM runs in one input dtype, with fp32 accumulation)"
         )
     if bias is not None:
-        _check_tensor("bias", bias, shape=(V,), floating=True, device=hidden.device, like=_LIKE)
+        check_tensor("bias", bias, shape=(V,), floating=True, device=hidden.device, like=_LIKE)
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from hidden/weight dtype {hidden.dtype}")
     return B, T, H, V
@@ -125,35 +114,17 @@ def fused_linear_grpo_loss(
         torch.Size([50, 16])
     """
     B, T, H, V = _check_linear(hidden, weight, bias)
-    device = hidden.device
-    ids, valid = _check_ids(completion_ids, completion_mask, B, T, V, device, like=_LIKE)
-    o = LossOptions(
-        temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-        dual_clip=dual_clip, beta=beta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        is_cap=is_cap, bias_correction_kl=bias_correction_kl, is_weight_kl=is_weight_kl,
-    )
-    impl = _resolve_impl(impl, device)
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
             raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    adv, old, behavior, ref = _loss_inputs(
-        B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
-        ref_logps, beta, max_completion_length, num_items_in_batch, like=_LIKE,
+    args = {name: value for name, value in locals().items() if name in LOSS_ARGUMENTS}
+    c = check_loss_inputs(
+        (B, T, V), hidden.device, completion_ids, completion_mask, advantages, args, like=_LIKE, not_finite=_NOT_FINITE
     )
-    o, behavior, weights = _importance_inputs(
-        o, B, T, device, valid, old, behavior, is_mode, is_cap_min, is_ratio, like=_LIKE
-    )
-    scale = accumulation_scale(loss_type, gradient_accumulation_steps, steps_per_generation, num_processes)
-    mask = valid.to(torch.int32).contiguous()
-
     loss, logp, ent = fused_linear_grpo(
-        hidden, weight, bias, ids, mask, adv, old, behavior, ref, o, impl, max_completion_length,
-        num_items_in_batch, return_entropy, chunk_size, loss_scale=scale,
+        hidden, weight, bias, c.ids, c.mask, c.advantages, c.old, c.behavior, c.ref, c.options, c.impl,
+        c.max_completion_length, c.num_items_in_batch, return_entropy, chunk_size, loss_scale=c.scale,
     )
-    _check_finite(logp, valid, adv, old, behavior, ref, source=_NOT_FINITE)
-    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=behavior, ref=ref, weights=weights)
-    if ent is not None:
-        metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
-    return GRPOLossOutput(loss=loss, logps=logp, entropy=ent, metrics=metrics)
+    return loss_output(c, loss, logp, ent)

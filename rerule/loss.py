@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -35,7 +35,9 @@ class GRPOLossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _check_tensor(name, t, ndim=None, shape=None, floating=None, device=None, like="logits"):
+def check_tensor(name, t, ndim=None, shape=None, floating=None, device=None, like="logits"):
+    """TypeError / ValueError naming ``name`` unless ``t`` is a tensor of the given dims, shape, kind and device
+    (``like`` names the tensor whose device it must share)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -59,7 +61,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=2)
     tensor([ 0.7070, -0.7070,  0.0000,  0.0000])
     """
-    _check_tensor("rewards", rewards, ndim=1, floating=True)
+    check_tensor("rewards", rewards, ndim=1, floating=True)
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
     if group_size < 2:
@@ -97,28 +99,26 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
 def _canonical(name, t, B, T, device, valid, like="logits"):
     if t is None:
         return None
-    _check_tensor(name, t, shape=(B, T), floating=True, device=device, like=like)
+    check_tensor(name, t, shape=(B, T), floating=True, device=device, like=like)
     t = t.to(torch.float32)
     return torch.where(valid, t, torch.zeros_like(t)).contiguous()
 
 
-def _check_logits_and_ids(logits, completion_ids, completion_mask):
-    _check_tensor("logits", logits, ndim=3, floating=True)
-    B, T, V = logits.shape
-    if V == 0:
+def _check_logits(logits):
+    check_tensor("logits", logits, ndim=3, floating=True)
+    if logits.shape[-1] == 0:
         raise ValueError("logits have an empty vocab dimension")
-    ids, valid = _check_ids(completion_ids, completion_mask, B, T, V, logits.device)
-    return B, T, V, ids, valid
+    return logits.shape
 
 
 def _check_ids(completion_ids, completion_mask, B, T, V, device, like="logits"):
-    """Checked (ids int64 [B, T], valid bool [B, T]); shared with fused_linear_grpo_loss."""
-    _check_tensor("completion_ids", completion_ids, shape=(B, T), floating=False, device=device, like=like)
+    """Checked (ids int64 [B, T], valid bool [B, T])."""
+    check_tensor("completion_ids", completion_ids, shape=(B, T), floating=False, device=device, like=like)
     if completion_ids.dtype == torch.bool:
         raise TypeError("completion_ids must be an integer tensor of token ids, got torch.bool")
     if completion_mask is None:
         completion_mask = torch.ones(B, T, dtype=torch.int32, device=device)
-    _check_tensor("completion_mask", completion_mask, shape=(B, T), device=device, like=like)
+    check_tensor("completion_mask", completion_mask, shape=(B, T), device=device, like=like)
     if completion_mask.is_complex():
         raise TypeError(f"completion_mask must be a bool, integer or float tensor of 0/1, got {completion_mask.dtype}")
     # Binary only: a token is in the loss or not. A fractional weight (or a NaN) would otherwise be
@@ -230,55 +230,119 @@ def grpo_loss(
         >>> out.logps.shape
         torch.Size([4, 7])
     """
-    B, T, V, ids, valid = _check_logits_and_ids(logits, completion_ids, completion_mask)
-    device = logits.device
-    o = LossOptions(
-        temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-        dual_clip=dual_clip, beta=beta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        is_cap=is_cap, bias_correction_kl=bias_correction_kl, is_weight_kl=is_weight_kl,
-    )
-    impl = _resolve_impl(impl, device)
-    adv, old, behavior, ref = _loss_inputs(
-        B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
-        ref_logps, beta, max_completion_length, num_items_in_batch,
-    )
-    o, behavior, weights = _importance_inputs(o, B, T, device, valid, old, behavior, is_mode, is_cap_min, is_ratio)
-    scale = accumulation_scale(loss_type, gradient_accumulation_steps, steps_per_generation, num_processes)
+    B, T, V = _check_logits(logits)
+    args = {name: value for name, value in locals().items() if name in LOSS_ARGUMENTS}
+    c = check_loss_inputs((B, T, V), logits.device, completion_ids, completion_mask, advantages, args)
     if inplace and logits.stride(-1) != 1:
         raise ValueError("inplace=True needs logits with a contiguous vocab dimension")
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
-    mask = valid.to(torch.int32).contiguous()
     if inplace and logits.requires_grad and torch.is_grad_enabled():
         # everything that can fail after the kernel is checked before it overwrites the logits
-        _check_finite(torch.zeros(B, T, device=device), valid, adv, old, behavior, ref)
-        _check_logits_before_overwrite(x, ids, valid)
+        _check_finite(torch.zeros(B, T, device=logits.device), c.valid, c.advantages, c.old, c.behavior, c.ref)
+        _check_logits_before_overwrite(x, c.ids, c.valid)
 
     loss, logp, ent = fused_grpo_loss(
-        x, ids, mask, adv, old, behavior, ref, o, impl, max_completion_length, num_items_in_batch,
-        return_entropy, inplace, loss_scale=scale,
+        x, c.ids, c.mask, c.advantages, c.old, c.behavior, c.ref, c.options, c.impl, c.max_completion_length,
+        c.num_items_in_batch, return_entropy, inplace, loss_scale=c.scale,
     )
-    _check_finite(logp, valid, adv, old, behavior, ref)
-    metrics = loss_metrics(logp, mask, adv, o, old=old, behavior=behavior, ref=ref, weights=weights)
+    return loss_output(c, loss, logp, ent)
+
+
+# The keyword arguments that grpo_loss and fused_linear_grpo_loss share, checked by check_loss_inputs.
+LOSS_ARGUMENTS = (
+    "rewards", "group_size", "old_logps", "behavior_logps", "ref_logps", "temperature", "epsilon_low",
+    "epsilon_high", "delta", "dual_clip", "beta", "loss_type", "importance_sampling_level", "is_cap", "is_mode",
+    "is_cap_min", "is_ratio", "bias_correction_kl", "is_weight_kl", "max_completion_length", "num_items_in_batch",
+    "gradient_accumulation_steps", "steps_per_generation", "num_processes", "scale_rewards", "impl",
+)
+_OPTION_NAMES = tuple(f.name for f in fields(LossOptions))
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """The checked inputs of one loss call, what the backends take (built by ``check_loss_inputs``).
+
+    options: the LossOptions, validated once (is_cap lifted when a non-default importance mode's weight was
+    computed here); impl: the resolved backend; ids int64 [B, T]; valid bool [B, T]; mask int32 [B, T];
+    advantages fp32 [B]; old / behavior / ref fp32 [B, T] (0 where the mask is 0) or None, behavior in the
+    kernels' form old - log(w) when the weight was computed here; weights: that (w, outside) or None;
+    scale: the gradient-accumulation factor on the loss; max_completion_length, num_items_in_batch: checked.
+    """
+
+    options: LossOptions
+    impl: str
+    ids: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old: torch.Tensor | None
+    behavior: torch.Tensor | None
+    ref: torch.Tensor | None
+    weights: tuple[torch.Tensor, torch.Tensor] | None
+    scale: float
+    max_completion_length: int | None
+    num_items_in_batch: float | torch.Tensor | None
+    not_finite: str
+
+
+def check_loss_inputs(
+    shape, device, completion_ids, completion_mask, advantages, args: dict, like="logits", not_finite=None
+) -> LossInputs:
+    """The argument checks of ``grpo_loss`` and ``fused_linear_grpo_loss``, written once.
+
+    shape: (B, T, V) of the logits the call scores (V from the logits or the lm_head weight); device: theirs;
+    args: the call's ``LOSS_ARGUMENTS`` by name; like: the name of the tensor the others must match in error
+    messages; not_finite: what a non-finite log-prob after the kernel is blamed on.
+    """
+    B, T, V = shape
+    ids, valid = _check_ids(completion_ids, completion_mask, B, T, V, device, like=like)
+    o = LossOptions(**{name: args[name] for name in _OPTION_NAMES})
+    impl = _resolve_impl(args["impl"], device)
+    adv, old, behavior, ref = _loss_inputs(
+        B, T, device, valid, advantages, args["rewards"], args["group_size"], args["scale_rewards"],
+        args["old_logps"], args["behavior_logps"], args["ref_logps"], o.beta, args["max_completion_length"],
+        args["num_items_in_batch"], like=like,
+    )
+    o, behavior, weights = _importance_inputs(
+        o, B, T, device, valid, old, behavior, args["is_mode"], args["is_cap_min"], args["is_ratio"], like=like
+    )
+    scale = accumulation_scale(
+        o.loss_type, args["gradient_accumulation_steps"], args["steps_per_generation"], args["num_processes"]
+    )
+    return LossInputs(
+        options=o, impl=impl, ids=ids, valid=valid, mask=valid.to(torch.int32).contiguous(), advantages=adv,
+        old=old, behavior=behavior, ref=ref, weights=weights, scale=scale,
+        max_completion_length=args["max_completion_length"], num_items_in_batch=args["num_items_in_batch"],
+        not_finite=not_finite or _LOGITS_NOT_FINITE,
+    )
+
+
+def loss_output(c: LossInputs, loss, logp, ent) -> GRPOLossOutput:
+    """The checks after the kernel (a non-finite log-prob where the mask is 1) and the metrics, written once."""
+    _check_finite(logp, c.valid, c.advantages, c.old, c.behavior, c.ref, source=c.not_finite)
+    metrics = loss_metrics(
+        logp, c.mask, c.advantages, c.options, old=c.old, behavior=c.behavior, ref=c.ref, weights=c.weights
+    )
     if ent is not None:
-        metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
+        metrics["entropy"] = (ent * c.mask).sum() / c.mask.sum().clamp(min=1)
     return GRPOLossOutput(loss=loss, logps=logp, entropy=ent, metrics=metrics)
 
 
 def _loss_inputs(B, T, device, valid, advantages, rewards, group_size, scale_rewards, old_logps, behavior_logps,
                  ref_logps, beta, max_completion_length, num_items_in_batch, like="logits"):
     """Checked advantages fp32 [B] and canonical old/behavior/ref log-probs (fp32 [B, T], masked positions 0, or
-    None); shared with fused_linear_grpo_loss."""
+    None)."""
     if (advantages is None) == (rewards is None):
         raise ValueError("pass exactly one of advantages=[B] or rewards=[B] (with group_size)")
     if rewards is not None:
         if group_size is None:
             raise ValueError("rewards= needs group_size=")
-        _check_tensor("rewards", rewards, shape=(B,), device=device, like=like)
+        check_tensor("rewards", rewards, shape=(B,), device=device, like=like)
         adv = group_advantages(rewards, group_size, scale_rewards)
     else:
         if group_size is not None:
             raise ValueError("group_size is only used with rewards=, not with advantages=")
-        _check_tensor("advantages", advantages, shape=(B,), floating=True, device=device, like=like)
+        check_tensor("advantages", advantages, shape=(B,), floating=True, device=device, like=like)
         adv = advantages.to(torch.float32)
     adv = adv.detach().contiguous()
     if beta > 0 and ref_logps is None:
@@ -345,7 +409,7 @@ def _importance_inputs(o, B, T, device, valid, old, behavior, is_mode, is_cap_mi
     if is_ratio is not None:
         if behavior is not None:
             raise ValueError("pass at most one of behavior_logps and is_ratio")
-        _check_tensor("is_ratio", is_ratio, floating=True, device=device, like=like)
+        check_tensor("is_ratio", is_ratio, floating=True, device=device, like=like)
         if tuple(is_ratio.shape) not in ((B, T), (B, 1), (B,)):
             raise ValueError(f"is_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(is_ratio.shape)}")
         r = is_ratio.detach().to(torch.float32).reshape(B, -1).expand(B, T)
@@ -411,7 +475,8 @@ def token_logps(
     Returns (logps [B, T] fp32, differentiable w.r.t. logits; entropy [B, T] or None, detached).
     Positions with mask 0 give 0 and get no gradient.
     """
-    B, T, V, ids, valid = _check_logits_and_ids(logits, completion_ids, completion_mask)
+    B, T, V = _check_logits(logits)
+    ids, valid = _check_ids(completion_ids, completion_mask, B, T, V, logits.device)
     LossOptions(temperature=temperature)
     impl = _resolve_impl(impl, logits.device)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()

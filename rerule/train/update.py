@@ -65,9 +65,11 @@ class UpdateSet:
 
 
 # The update's per-step metrics (None where they do not apply, e.g. no replay this step).
-UPDATE_METRICS = ("loss_on", "loss_replay", "kl", "replay_kl", "clip_ratio_low", "clip_ratio_high",
-                  "replay_clip_ratio_low", "replay_clip_ratio_high", "is_weight_mean", "is_weight_max", "is_ess", "is_truncated_frac", "replay_ess",
-                  "replay_adv_sum_forget", "replay_adv_sum_boundary")  # fmt: skip
+UPDATE_METRICS = (
+    "loss_on", "loss_replay", "kl", "replay_kl", "clip_ratio_low", "clip_ratio_high", "replay_clip_ratio_low",
+    "replay_clip_ratio_high", "is_weight_mean", "is_weight_max", "is_ess", "is_truncated_frac", "replay_ess",
+    "replay_adv_sum_forget", "replay_adv_sum_boundary",
+)  # fmt: skip
 
 
 def recompute_advantages(

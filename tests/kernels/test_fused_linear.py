@@ -354,3 +354,19 @@ def _bad(**kw):
 def test_bad_input(kw, exc, match):
     with pytest.raises(exc, match=match):
         _bad(**kw)
+
+
+def test_shared_keywords_match_grpo_loss():
+    """Both public losses hand the same keywords to one checker (rerule.loss.check_loss_inputs): the names and
+    defaults must agree, or one of them would check something the other does not."""
+    import inspect
+
+    from rerule.loss import LOSS_ARGUMENTS
+
+    a = inspect.signature(grpo_loss).parameters
+    b = inspect.signature(fused_linear_grpo_loss).parameters
+    shared = {n for n in a if a[n].kind is inspect.Parameter.KEYWORD_ONLY} - {"inplace", "return_entropy"}
+    assert shared == set(LOSS_ARGUMENTS)
+    for name in LOSS_ARGUMENTS:
+        assert b[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert a[name].default == b[name].default, name
