@@ -61,7 +61,7 @@ import os
 import torch
 
 from .grpo_loss import backend_module, scale_grad_
-from .grpo_math import reduction_weights, sequence_terms
+from .grpo_math import sequence_terms
 from .options import LossOptions
 
 # fp32 bytes of one chunk's logits. CPU: 32 MB; at N=4096, V=32000, H=512 a 64 MB chunk measured
@@ -342,23 +342,18 @@ def fused_linear_grpo(
     ref: torch.Tensor | None,
     o: LossOptions,
     impl: str,
-    max_completion_length: int | None = None,
-    num_items_in_batch=None,
+    rw: torch.Tensor,
     return_entropy: bool = False,
     chunk_rows: int | None = None,
     tile: int | None = None,
-    loss_scale: float = 1.0,
 ):
     """Kernel-level entry on validated, canonical inputs (see ``fused_linear_grpo_forward``).
 
-    ``chunk_rows`` is the number of valid rows per GEMM chunk (default ``default_chunk_rows``);
-    ``tile`` is passed to the backend (Triton BLOCK_V, torch sub-chunk rows), for tests.
-    ``loss_scale`` multiplies the reduction weights (gradient-accumulation normalizers).
+    rw: [B, T] fp32 reduction weights, as in ``grpo_loss.fused_grpo_loss``. ``chunk_rows`` is the
+    number of valid rows per GEMM chunk (default ``default_chunk_rows``); ``tile`` is passed to the
+    backend (Triton BLOCK_V, torch sub-chunk rows), for tests.
     Returns (loss, logp, entropy or None); loss is differentiable w.r.t. hidden, weight and bias.
     """
-    rw = reduction_weights(mask, o.loss_type, max_completion_length, num_items_in_batch)
-    if loss_scale != 1.0:
-        rw = rw * loss_scale
     loss, logp, ent = FusedLinearGRPOLoss.apply(
         hidden, weight, bias, ids, mask, adv, rw, old, behavior, ref, o, impl, torch.is_grad_enabled(),
         return_entropy, chunk_rows, tile,

@@ -18,7 +18,7 @@ import importlib
 
 import torch
 
-from .grpo_math import reduction_weights, sequence_terms
+from .grpo_math import sequence_terms
 from .options import LossOptions
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -109,24 +109,19 @@ def fused_grpo_loss(
     ref: torch.Tensor | None,
     o: LossOptions,
     impl: str,
-    max_completion_length: int | None = None,
-    num_items_in_batch=None,
+    rw: torch.Tensor,
     return_entropy: bool = False,
     inplace: bool = False,
     tile: int | None = None,
-    loss_scale: float = 1.0,
 ):
     """Kernel-level entry on validated, canonical inputs.
 
     logits [B, T, V] (stride 1 on V); ids int64 [B, T]; mask int32 [B, T]; adv fp32 [B];
-    old/behavior/ref fp32 [B, T] or None, with masked positions already zeroed. ``tile`` is the
-    backend's block (Triton BLOCK_V, torch chunk rows), for tests. ``loss_scale`` multiplies the
-    reduction weights (gradient-accumulation normalizers), so no extra pass scales the gradient.
-    Returns (loss, logp, entropy).
+    old/behavior/ref fp32 [B, T] or None, with masked positions already zeroed. rw: [B, T] fp32
+    reduction weights, loss = sum(rw * loss_tok) (``grpo_math.reduction_weights`` of the loss type,
+    times any gradient-accumulation factor): the kernels read nothing else of the loss type. ``tile``
+    is the backend's block (Triton BLOCK_V, torch chunk rows), for tests. Returns (loss, logp, entropy).
     """
-    rw = reduction_weights(mask, o.loss_type, max_completion_length, num_items_in_batch)
-    if loss_scale != 1.0:
-        rw = rw * loss_scale
     loss, logp, ent = FusedGRPOLoss.apply(
         logits, ids, mask, adv, rw, old, behavior, ref, o, impl, return_entropy, inplace, tile
     )

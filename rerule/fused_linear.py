@@ -124,7 +124,7 @@ def fused_linear_grpo_loss(
         (B, T, V), hidden.device, completion_ids, completion_mask, advantages, args, like=_LIKE, not_finite=_NOT_FINITE
     )
     loss, logp, ent = fused_linear_grpo(
-        hidden, weight, bias, c.ids, c.mask, c.advantages, c.old, c.behavior, c.ref, c.options, c.impl,
-        c.max_completion_length, c.num_items_in_batch, return_entropy, chunk_size, loss_scale=c.scale,
+        hidden, weight, bias, c.ids, c.mask, c.advantages, c.old, c.behavior, c.ref, c.options, c.impl, c.reduction,
+        return_entropy, chunk_size,
     )
     return loss_output(c, loss, logp, ent)

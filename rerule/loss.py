@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from rerule.kernels.grpo_loss import fused_grpo_loss
-from rerule.kernels.grpo_math import _NO_CAP, importance_weights, kernel_behavior, loss_metrics
+from rerule.kernels.grpo_math import _NO_CAP, importance_weights, kernel_behavior, loss_metrics, reduction_weights
 from rerule.kernels.logprobs import fused_token_logps
 from rerule.kernels.options import ADV_SCALES, IS_MODES, LossOptions
 from rerule.kernels.reference import group_advantages_reference
@@ -242,8 +242,8 @@ def grpo_loss(
         _check_logits_before_overwrite(x, c.ids, c.valid)
 
     loss, logp, ent = fused_grpo_loss(
-        x, c.ids, c.mask, c.advantages, c.old, c.behavior, c.ref, c.options, c.impl, c.max_completion_length,
-        c.num_items_in_batch, return_entropy, inplace, loss_scale=c.scale,
+        x, c.ids, c.mask, c.advantages, c.old, c.behavior, c.ref, c.options, c.impl, c.reduction, return_entropy,
+        inplace,
     )
     return loss_output(c, loss, logp, ent)
 
@@ -266,7 +266,9 @@ class LossInputs:
     computed here); impl: the resolved backend; ids int64 [B, T]; valid bool [B, T]; mask int32 [B, T];
     advantages fp32 [B]; old / behavior / ref fp32 [B, T] (0 where the mask is 0) or None, behavior in the
     kernels' form old - log(w) when the weight was computed here; weights: that (w, outside) or None;
-    scale: the gradient-accumulation factor on the loss; max_completion_length, num_items_in_batch: checked.
+    reduction: [B, T] fp32 weights with loss = sum(reduction * loss_tok), the loss type's normalizer times the
+    gradient-accumulation factor: all that the kernels need of loss_type, max_completion_length,
+    num_items_in_batch and the accumulation arguments; not_finite: what a non-finite log-prob is blamed on.
     """
 
     options: LossOptions
@@ -279,9 +281,7 @@ class LossInputs:
     behavior: torch.Tensor | None
     ref: torch.Tensor | None
     weights: tuple[torch.Tensor, torch.Tensor] | None
-    scale: float
-    max_completion_length: int | None
-    num_items_in_batch: float | torch.Tensor | None
+    reduction: torch.Tensor
     not_finite: str
 
 
@@ -309,11 +309,13 @@ def check_loss_inputs(
     scale = accumulation_scale(
         o.loss_type, args["gradient_accumulation_steps"], args["steps_per_generation"], args["num_processes"]
     )
+    mask = valid.to(torch.int32).contiguous()
+    rw = reduction_weights(mask, o.loss_type, args["max_completion_length"], args["num_items_in_batch"])
+    if scale != 1.0:
+        rw = rw * scale
     return LossInputs(
-        options=o, impl=impl, ids=ids, valid=valid, mask=valid.to(torch.int32).contiguous(), advantages=adv,
-        old=old, behavior=behavior, ref=ref, weights=weights, scale=scale,
-        max_completion_length=args["max_completion_length"], num_items_in_batch=args["num_items_in_batch"],
-        not_finite=not_finite or _LOGITS_NOT_FINITE,
+        options=o, impl=impl, ids=ids, valid=valid, mask=mask, advantages=adv, old=old, behavior=behavior, ref=ref,
+        weights=weights, reduction=rw, not_finite=not_finite or _LOGITS_NOT_FINITE,
     )
 
 
