@@ -195,32 +195,31 @@ def row_weight_behavior(cur_logps: torch.Tensor, row_weights: torch.Tensor) -> t
     return cur_logps - torch.log(row_weights.to(cur_logps.dtype)).unsqueeze(-1)
 
 
-def importance_stats(cur_logps: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, cap: float) -> dict:
-    """Sums over replayed tokens of w = min(exp(cur - mu), cap): n, sum w, sum w^2, truncated count."""
-    valid = mask.bool()
-    raw = torch.exp((cur_logps - behavior).double())[valid]
-    w = raw.clamp(max=cap)
+def _weight_sums(w: torch.Tensor, truncated: torch.Tensor) -> dict:
+    """Sums over the replayed tokens of their weights ``w`` (fp64, one per unmasked token): n, sum w,
+    sum w^2, truncated count, largest w (what ``ReplayWeightStats.add_tokens`` adds up)."""
     return {
-        "n": float(valid.sum()),
+        "n": float(w.numel()),
         "w": float(w.sum()),
         "w2": float((w * w).sum()),
-        "truncated": float((raw > cap).sum()),
+        "truncated": float(truncated.sum()),
         "w_max": float(w.max()) if w.numel() else 0.0,
     }
+
+
+def importance_stats(cur_logps: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, cap: float) -> dict:
+    """``_weight_sums`` of the token weights w = min(exp(cur - mu), cap) (modes stored / recomputed)."""
+    valid = mask.bool()
+    raw = torch.exp((cur_logps - behavior).double())[valid]
+    return _weight_sums(raw.clamp(max=cap), raw > cap)
 
 
 def weight_stats(row_weights: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor) -> dict:
-    """``importance_stats`` for row weights (every token of row i weighs row_weights[i])."""
+    """``_weight_sums`` of the row weights G * p_i (mode consistent: every token of row i weighs
+    row_weights[i]; truncated where the row's sequence ratio hit the cap)."""
     valid = mask.bool()
     w = row_weights.double().unsqueeze(-1).expand(mask.shape)[valid]
-    tr = truncated.unsqueeze(-1).expand(mask.shape)[valid]
-    return {
-        "n": float(valid.sum()),
-        "w": float(w.sum()),
-        "w2": float((w * w).sum()),
-        "truncated": float(tr.sum()),
-        "w_max": float(w.max()) if w.numel() else 0.0,
-    }
+    return _weight_sums(w, truncated.unsqueeze(-1).expand(mask.shape)[valid])
 
 
 def micro_slices(n_rows: int, rows_per_micro: int):

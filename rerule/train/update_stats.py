@@ -33,7 +33,20 @@ class SetStats:
 @dataclass
 class ReplayWeightStats:
     """Over replayed tokens: count, sum of w, sum of w^2, truncated count, largest w; per replayed group
-    (by source): group counts, sums of sum_i row_weight_i * A_i, and the sequence-level ESS sum."""
+    (by source): group counts, sums of sum_i row_weight_i * A_i, and the sequence-level ESS sum.
+
+    These sums are the one source of the logged is_weight_mean / is_weight_max / is_ess /
+    is_truncated_frac; the loss's own metrics of the same names are not used by the update, because:
+
+    - the step's values span every micro-batch and rank, which needs sums (n, sum w, sum w^2, max), not
+      the loss's per-call fp32 means (a mean of micro-batch means is not the mean over tokens);
+    - with ``adv_mode`` consistent the loss's w is the row weight G * p_i passed as behavior log-probs
+      with cap G (``row_weight_behavior``): the loss never truncates it, while the truncated share logged
+      here counts the rows whose sequence ratio hit the replay cap (docs/replay.md);
+    - with stored / recomputed the quantity is the loss's w = min(exp(cur - mu), cap), taken here in fp64
+      from the same current log-probs, so switching to the kernel's fp32 values would change the logged
+      numbers in their last bits.
+    """
 
     n: float = 0.0
     w: float = 0.0

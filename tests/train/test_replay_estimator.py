@@ -144,3 +144,32 @@ def test_bad_arguments():
         replay_weights(rewards, cur, mu, mask, G, cap=0.0)
     with pytest.raises(ValueError, match="stored"):
         replay_weights(rewards, cur, mu, mask, G, cap=2.0, mode="stored")
+
+
+def test_weight_statistics_are_the_token_sums():
+    """importance_stats / weight_stats: n, sum w, sum w^2, truncated count and max over the unmasked tokens,
+    written out token by token here."""
+    from rerule.train.update import importance_stats, weight_stats
+
+    g = torch.Generator().manual_seed(3)
+    cur, mu = (-torch.rand(4, 5, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    mask = torch.ones(4, 5)
+    mask[1, 3:] = 0
+    mask[3] = 0
+    cap = 1.5
+    toks = [(i, t) for i in range(4) for t in range(5) if mask[i, t]]
+    raw = [math.exp(float(cur[i, t]) - float(mu[i, t])) for i, t in toks]
+    w = [min(r, cap) for r in raw]
+    s = importance_stats(cur, mu, mask, cap)
+    assert s["n"] == len(toks) and s["truncated"] == sum(r > cap for r in raw) > 0
+    assert s["w"] == pytest.approx(sum(w), rel=1e-12) and s["w2"] == pytest.approx(sum(x * x for x in w), rel=1e-12)
+    assert s["w_max"] == pytest.approx(max(w), rel=1e-12)
+
+    rows, trunc = torch.tensor([0.5, 2.0, 1.0, 0.5]), torch.tensor([False, True, False, False])
+    s = weight_stats(rows, mask, trunc)
+    per_tok = [float(rows[i]) for i, _ in toks]
+    assert s["n"] == len(toks) and s["truncated"] == sum(bool(trunc[i]) for i, _ in toks) == 3
+    assert s["w"] == pytest.approx(sum(per_tok)) and s["w2"] == pytest.approx(sum(x * x for x in per_tok))
+    assert s["w_max"] == 2.0
+    empty = importance_stats(cur, mu, torch.zeros(4, 5), cap)
+    assert empty == {"n": 0.0, "w": 0.0, "w2": 0.0, "truncated": 0.0, "w_max": 0.0}
