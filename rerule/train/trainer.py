@@ -40,7 +40,7 @@ from rerule.loss import group_advantages
 from rerule.refusal import is_refusal
 from rerule.train import checkpoint as ckpt
 from rerule.train import distributed
-from rerule.train.buffer import ReplayBuffer, ReplayGroup
+from rerule.train.buffer import ReplayBuffer, ReplayGroup, admit_groups
 from rerule.train.config import TrainConfig
 from rerule.train.model import (
     autocast_dtype,
@@ -416,22 +416,18 @@ class Trainer(RunFiles):
     def _update_buffer(self, fresh: FreshGroups, fresh_logps: torch.Tensor, step: int) -> tuple[int, int]:
         """Evict solved prompts, admit hard groups (behavior = the pre-update log-probs), update the
         prompt sampler. Returns (admitted, evicted_solved)."""
-        c, idx, means = self.config, fresh.idx, fresh.means
+        c, idx, means, G = self.config, fresh.idx, fresh.means, self.config.rollout.group_size
         admitted = evicted_solved = 0
         # Ranks sharing their fresh group means (rerule.train.distributed) see [(keys, means)] of every rank.
         shared = self.dist.enabled and c.distributed.share_group_means
         ranks = self.dist.gather((idx, means.tolist())) if shared else [(idx, means.tolist())]
         others = [g for r, g in enumerate(ranks) if r != self.dist.rank]
         if c.replay.enabled:
-            self.buffer.observe([x for _, ms in ranks for x in ms])
-            threshold = self.buffer.threshold
-            solved = [k for keys, ms in others for k, x in zip(keys, ms) if c.replay.evict_solved and x >= threshold]
-            evicted_solved += sum(self.buffer.evict_prompt(k) for k in solved)
-            for g, key in enumerate(idx):
-                if c.replay.evict_solved and float(means[g]) >= threshold:
-                    evicted_solved += self.buffer.evict_prompt(key)
-                    continue
-                admitted += self.buffer.offer(self._replay_group(fresh, fresh_logps, g, step)) == "admitted"
+            admitted, evicted_solved = admit_groups(
+                self.buffer, fresh.rewards.reshape(-1, G), idx, [self.pool[k].source for k in idx],
+                lambda hard: [self._replay_group(fresh, fresh_logps, g, step) for g in hard],
+                others=others, observed=[x for _, ms in ranks for x in ms], evict_solved=c.replay.evict_solved,
+            )
             self.buffer.expire(step + 1)
         for keys, ms in others:
             self.sampler.update(keys, ms)
