@@ -84,7 +84,8 @@ class RunFiles:
         """Write model, optimizer and trainer state atomically to output_dir/checkpoints/step-N. In a
         multi-process run every rank calls it: rank 0 writes those, each rank its buffer-rank{r}.pt."""
         if self.dist.enabled:
-            return self.dist.save_trainer(self)
+            return self.dist.save_training(self.model, self.optimizer, self.state(), self.ckpt_dir, self.step,
+                                           self.config.keep_checkpoints)
         parts = {"optimizer": self.optimizer.state_dict(), "state": self.state()}
 
         def write_weights(directory):
@@ -99,7 +100,7 @@ class RunFiles:
         parts = ckpt.load_checkpoint(path, map_location="cpu")
         if self.dist.enabled:
             # FSDP-aware weights and optimizer, and this rank's buffer, sampler and RNG from its shard
-            self.dist.load_trainer(self, path, parts)
+            self.dist.load_training(self.model, self.optimizer, path, parts)
         else:
             load_trainable_state_dict(self.model, parts["model"])
             self.optimizer.load_state_dict(parts["optimizer"])
