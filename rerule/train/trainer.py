@@ -22,7 +22,7 @@ gradients, loss normalizers and metrics are reduced across ranks (``rerule.train
 Python API (what the demo calls)::
 
     trainer = Trainer(config, model=None, tokenizer=None, task=None, reward_fn=None, evaluate_fn=None)
-    history = trainer.train(callback=lambda metrics: None)   # list of per-step metric dicts
+    history = trainer.train(callback=lambda metrics: None)   # warm start (stage 0), then per-step metric dicts
 """
 
 from __future__ import annotations
