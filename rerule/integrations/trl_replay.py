@@ -43,7 +43,7 @@ from trl import GRPOConfig
 
 from rerule import fused_linear_grpo_loss
 from rerule.integrations.trl_fused import FusedGRPOTrainer
-from rerule.train.buffer import ReplayBuffer, ReplayGroup
+from rerule.train.buffer import ReplayBuffer, ReplayGroup, admit_groups
 from rerule.train.update import REPLAY_ADVANTAGES, replay_weights, row_weight_behavior
 
 REPLAY_KEYS = ("replay_mask", "behavior_per_token_logps", "replay_num_items")
@@ -174,25 +174,16 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
         return logps.float()
 
     def _store_hard_groups(self, inputs, out, rewards, step):
-        G, buf = self.num_generations, self.replay_buffer
+        G = self.num_generations
         groups = rewards.view(-1, G)
-        finite = torch.isfinite(groups).all(-1)
-        means = groups.mean(-1)
-        buf.observe(means[finite].tolist())
-        threshold = buf.threshold
-        flat = (groups == groups[:, :1]).all(-1)
-        hard = (finite & ~flat & (means < threshold)).nonzero().squeeze(1).tolist()
-        keys = []
-        for g in range(groups.size(0)):
-            row = g * G
-            keys.append(hash(tuple(out["prompt_ids"][row][out["prompt_mask"][row] != 0].tolist())))
-            if finite[g] and means[g] >= threshold:
-                buf.evict_prompt(keys[g])
-        admitted = 0
-        if hard:
-            rows = torch.cat([torch.arange(g * G, (g + 1) * G) for g in hard]).to(
-                out["completion_ids"].device
-            )
+        keys = [
+            hash(tuple(out["prompt_ids"][g * G][out["prompt_mask"][g * G] != 0].tolist()))
+            for g in range(groups.size(0))
+        ]
+        sources = [str(inputs[g * G].get("source", "trl")) for g in range(groups.size(0))]
+
+        def build(hard):
+            rows = torch.cat([torch.arange(g * G, (g + 1) * G) for g in hard]).to(out["completion_ids"].device)
             pick = lambda k: None if out.get(k) is None else out[k].index_select(0, rows)
             mu = pick("old_per_token_logps")
             if mu is None:
@@ -206,21 +197,23 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
                 for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
             }
             mu, ref = cpu(mu).float(), cpu(ref)
-            for i, g in enumerate(hard):
-                sl = slice(i * G, (i + 1) * G)
-                group = ReplayGroup(
+            return [
+                ReplayGroup(
                     key=keys[g],
                     prompt_ids=cols["prompt_ids"][i * G][cols["prompt_mask"][i * G] != 0],
-                    completion_ids=cols["completion_ids"][sl],
-                    completion_mask=cols["completion_mask"][sl],
+                    completion_ids=cols["completion_ids"][i * G : (i + 1) * G],
+                    completion_mask=cols["completion_mask"][i * G : (i + 1) * G],
                     rewards=groups[g].clone(),
-                    advantages=cols["advantages"][sl].float(),
-                    behavior_logps=mu[sl],
+                    advantages=cols["advantages"][i * G : (i + 1) * G].float(),
+                    behavior_logps=mu[i * G : (i + 1) * G],
                     step=step,
-                    source=str(inputs[g * G].get("source", "trl")),
-                    ref_logps=None if ref is None else ref[sl].float(),
+                    source=sources[g],
+                    ref_logps=None if ref is None else ref[i * G : (i + 1) * G].float(),
                 )
-                admitted += buf.offer(group) == "admitted"
+                for i, g in enumerate(hard)
+            ]
+
+        admitted, _ = admit_groups(self.replay_buffer, groups, keys, sources, build)
         self._metrics["train"]["replay/admitted"].append(float(admitted))
 
     def _n_replay_groups(self, n_fresh_groups):

@@ -32,7 +32,9 @@ Example:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -196,17 +198,22 @@ class ReplayBuffer:
             torch.quantile(torch.tensor(list(self.recent_means), dtype=torch.float64), self.quantile)
         )
 
+    def verdict(self, rewards: torch.Tensor, source: str) -> str:
+        """What ``offer`` would answer for a group with these [G] rewards and this source (counts nothing)."""
+        if self.sources != "both" and _kind(source) != self.sources:
+            return "source_excluded"
+        if bool((rewards == rewards[0]).all()):
+            return "flat"
+        if not float(rewards.mean()) < self.threshold:
+            return "above_threshold"
+        return "admitted"
+
     def offer(self, group: ReplayGroup) -> str:
         """Admit ``group`` if it is hard and not flat; returns one of ``ADMISSION``."""
-        if self.sources != "both" and _kind(group.source) != self.sources:
-            self.counters["source_excluded"] += 1
-            return "source_excluded"
-        if bool((group.rewards == group.rewards[0]).all()):
-            self.counters["flat"] += 1
-            return "flat"
-        if not group.mean_reward < self.threshold:
-            self.counters["above_threshold"] += 1
-            return "above_threshold"
+        verdict = self.verdict(group.rewards, group.source)
+        if verdict != "admitted":
+            self.counters[verdict] += 1
+            return verdict
         group.uid, self.next_uid = self.next_uid, self.next_uid + 1
         group.reuse = 0
         self.entries.append(trim_group(group))
@@ -315,3 +322,71 @@ class ReplayBuffer:
         self.next_uid = state["next_uid"]
         self.ess_ema, self.weight_mean_ema = state["ess_ema"], state["weight_mean_ema"]
         self.counters = dict(state["counters"])
+
+
+class Admission(NamedTuple):
+    """What ``admit_groups`` did with a step's groups."""
+
+    admitted: int
+    evicted_solved: int
+
+
+def admit_groups(
+    buffer: ReplayBuffer,
+    rewards: torch.Tensor,
+    keys: Sequence,
+    sources: Sequence[str],
+    build: Callable[[list[int]], list[ReplayGroup]],
+    *,
+    others: Sequence[tuple[Sequence, Sequence[float]]] = (),
+    observed: Sequence[float] | None = None,
+    evict_solved: bool = True,
+) -> Admission:
+    """One step's buffer bookkeeping: evict solved prompts, store the hard, non-flat groups.
+
+    Args:
+        buffer: the ReplayBuffer (its running threshold is fed here).
+        rewards: [n, G] the step's fresh group rewards; a group with a non-finite reward is skipped
+            (neither observed, nor evicting, nor stored).
+        keys, sources: each group's prompt key and source.
+        build: ``build(groups) -> [ReplayGroup]`` for the listed group indices (in order): only the groups
+            the buffer admits are built, so their rows (behavior log-probs ...) are computed for those only.
+        others: ``[(keys, means)]`` of other ranks' groups: their solved prompts are evicted too.
+        observed: the group means fed to the running threshold (default: this step's finite means).
+        evict_solved: drop every stored group of a prompt whose group mean reaches the threshold.
+
+    Groups are handled in order: a solved group evicts its prompt, any other one is offered (counted as
+    flat / above_threshold / source_excluded, or built and admitted). Returns the counts.
+    """
+    if rewards.dim() != 2 or rewards.size(0) != len(keys) or len(sources) != len(keys):
+        raise ValueError(
+            f"rewards must be [n, G] with n = len(keys) = len(sources), got {tuple(rewards.shape)}, "
+            f"{len(keys)} keys, {len(sources)} sources"
+        )
+    finite = torch.isfinite(rewards).all(-1).tolist()
+    means = rewards.mean(-1).tolist()
+    buffer.observe(observed if observed is not None else [m for m, f in zip(means, finite) if f])
+    threshold = buffer.threshold
+    evicted = 0
+    if evict_solved:
+        for other_keys, other_means in others:
+            evicted += sum(buffer.evict_prompt(k) for k, m in zip(other_keys, other_means) if m >= threshold)
+    plan = []  # per finite group: ("evict" or its verdict, group index)
+    for g, (mean, ok) in enumerate(zip(means, finite)):
+        if not ok:
+            continue
+        if evict_solved and mean >= threshold:
+            plan.append(("evict", g))
+        else:
+            plan.append((buffer.verdict(rewards[g], sources[g]), g))
+    hard = [g for verdict, g in plan if verdict == "admitted"]
+    built = dict(zip(hard, build(hard))) if hard else {}
+    admitted = 0
+    for verdict, g in plan:
+        if verdict == "evict":
+            evicted += buffer.evict_prompt(keys[g])
+        elif verdict == "admitted":
+            admitted += buffer.offer(built[g]) == "admitted"
+        else:
+            buffer.counters[verdict] += 1
+    return Admission(admitted, evicted)

@@ -325,25 +325,26 @@ class Dist:
         # Also a barrier: no rank goes on (or reads the checkpoint) before the rename.
         return Path(self.broadcast(final))
 
-    def save_trainer(self, trainer) -> Path:
-        """``Trainer.save_checkpoint`` in a multi-process run (every rank calls it)."""
-        state = trainer.state()
+    def save_training(self, model, optimizer, state: dict, root, step: int, keep: int) -> Path:
+        """A multi-process checkpoint of training (every rank calls it): rank 0 writes the model, the
+        optimizer and ``state`` (a trainer's ``state()``) less its rank-local parts, each rank those parts."""
+        state = dict(state)
         shard = {k: state.pop(k) for k in RANK_LOCAL}
         shard.update(rank=self.rank, world_size=self.world_size)
         state.update(world_size=self.world_size, strategy=self.strategy)
-        parts = {"model": self.model_state(trainer.model), "optimizer": self.optimizer_state(trainer.model,
-                 trainer.optimizer), "state": state}  # fmt: skip
-        return self.save_checkpoint(trainer.ckpt_dir, trainer.step, parts, shard, trainer.config.keep_checkpoints)
+        parts = {"model": self.model_state(model), "optimizer": self.optimizer_state(model, optimizer),
+                 "state": state}  # fmt: skip
+        return self.save_checkpoint(root, step, parts, shard, keep)
 
-    def load_trainer(self, trainer, path: Path, parts: dict) -> None:
-        """Load ``parts`` (model, optimizer, state) into ``trainer``'s model and optimizer, and this rank's
+    def load_training(self, model, optimizer, path: Path, parts: dict) -> None:
+        """Load ``parts`` (model, optimizer, state) into ``model`` and ``optimizer``, and this rank's
         shard into ``parts["state"]``."""
         if self.fsdp_on:
-            self.load_model_state(trainer.model, parts["model"])
-            self.load_optimizer_state(trainer.model, trainer.optimizer, parts["optimizer"])
+            self.load_model_state(model, parts["model"])
+            self.load_optimizer_state(model, optimizer, parts["optimizer"])
         else:
-            load_trainable_state_dict(trainer.model, parts["model"])
-            trainer.optimizer.load_state_dict(parts["optimizer"])
+            load_trainable_state_dict(model, parts["model"])
+            optimizer.load_state_dict(parts["optimizer"])
         parts["state"].update({k: v for k, v in self.load_shard(path).items() if k in RANK_LOCAL})
 
     def load_shard(self, path: Path) -> dict:

@@ -4,9 +4,12 @@ uses the trainer's model, optimizer, buffer, sampler, RNG state and history."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
+
+import torch
 
 from rerule.train import checkpoint as ckpt
 from rerule.train.config import TrainConfig
@@ -81,7 +84,8 @@ class RunFiles:
         """Write model, optimizer and trainer state atomically to output_dir/checkpoints/step-N. In a
         multi-process run every rank calls it: rank 0 writes those, each rank its buffer-rank{r}.pt."""
         if self.dist.enabled:
-            return self.dist.save_trainer(self)
+            return self.dist.save_training(self.model, self.optimizer, self.state(), self.ckpt_dir, self.step,
+                                           self.config.keep_checkpoints)
         parts = {"optimizer": self.optimizer.state_dict(), "state": self.state()}
 
         def write_weights(directory):
@@ -96,7 +100,7 @@ class RunFiles:
         parts = ckpt.load_checkpoint(path, map_location="cpu")
         if self.dist.enabled:
             # FSDP-aware weights and optimizer, and this rank's buffer, sampler and RNG from its shard
-            self.dist.load_trainer(self, path, parts)
+            self.dist.load_training(self.model, self.optimizer, path, parts)
         else:
             load_trainable_state_dict(self.model, parts["model"])
             self.optimizer.load_state_dict(parts["optimizer"])
@@ -147,3 +151,26 @@ class RunFiles:
             os.replace(tmp, path)
         self.dist.barrier()
         return path
+
+    def _build_reference(self, resuming: bool, template=None):
+        """The frozen KL reference: a copy of the warm-started policy, or the adapter-disabled base (LoRA)."""
+        if self.config.loss.beta == 0 or self.lora:
+            return None
+        path = self.out_dir / "reference.pt"
+        if self.dist.fsdp_on:
+            warm = self.warm_start_stats.get("warm_start_steps", 0) > 0
+            return self.dist.fsdp_reference(template, self.model, path, resuming, warm, self.amp)
+        ref = copy.deepcopy(self.model)
+        warm = self.warm_start_stats.get("warm_start_steps", 0) > 0
+        if resuming and path.is_file():
+            ref.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        elif self.dist.is_main and warm:
+            ckpt.atomic_save({k: v.detach().cpu() for k, v in ref.state_dict().items()}, path)
+        # Without a warm start the reference is the initial model, which the config (or the caller) rebuilds
+        # on resume: it is not stored again. _load checks that a warm-started run's reference.pt is there.
+        if self.amp is not None:
+            ref = ref.to(self.amp)
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref

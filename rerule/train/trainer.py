@@ -22,7 +22,7 @@ gradients, loss normalizers and metrics are reduced across ranks (``rerule.train
 Python API (what the demo calls)::
 
     trainer = Trainer(config, model=None, tokenizer=None, task=None, reward_fn=None, evaluate_fn=None)
-    history = trainer.train(callback=lambda metrics: None)   # list of per-step metric dicts
+    history = trainer.train(callback=lambda metrics: None)   # warm start (stage 0), then per-step metric dicts
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from rerule.loss import group_advantages
 from rerule.refusal import is_refusal
 from rerule.train import checkpoint as ckpt
 from rerule.train import distributed
-from rerule.train.buffer import ReplayBuffer, ReplayGroup
+from rerule.train.buffer import ReplayBuffer, ReplayGroup, admit_groups
 from rerule.train.config import TrainConfig
 from rerule.train.model import (
     autocast_dtype,
@@ -121,6 +121,8 @@ class Trainer(RunFiles):
         self._init_model(model, tokenizer)
         self._init_policy(resume_from)
         self._init_update()
+        if not self._warm_pending:
+            self._prepare_policy(resuming=resume_from is not None)
         self.step = 0
         # boundary prompts whose latest fresh group refused on every completion (the collapse regime)
         self.collapsed: set[int] = set()
@@ -193,24 +195,50 @@ class Trainer(RunFiles):
         self.prompt_ids = encode_prompts(tokenizer, texts, c.rollout.max_prompt_length, chat)
 
     def _init_policy(self, resume_from) -> None:
-        """Shard the policy, run stage 0 (the warm start; not when resuming), build the KL reference."""
+        """Shard the policy; the warm start (stage 0, ``run_warm_start``) is pending unless resuming."""
         c = self.config
         # FSDP: a CPU copy for the reference before sharding; the warm start then runs on the shards.
-        template = copy.deepcopy(self.model) if self.dist.fsdp_on and c.loss.beta > 0 and not self.lora else None
-        model = self.model = self.dist.shard(self.model)
+        self._template = (
+            copy.deepcopy(self.model) if self.dist.fsdp_on and c.loss.beta > 0 and not self.lora else None
+        )
+        self.model = self.dist.shard(self.model)
         self.warm_start_stats: dict = {}
-        if resume_from is None and c.warm_start.epochs > 0:
+        self._warm_pending = resume_from is None and c.warm_start.epochs > 0
+        # built by _prepare_policy (here, or after the warm start when one is pending)
+        self.reference = self.train_forward = self.update = None
+
+    def run_warm_start(self) -> dict:
+        """Stage 0: the SFT warm start (when pending: not on resume, not with ``warm_start.epochs=0``), then
+        the KL reference (a copy of the warm-started policy) and the policy update. ``train`` and
+        ``train_step`` call it first; it runs once. Returns ``warm_start_stats``."""
+        if self._warm_pending:
+            c = self.config
             self.warm_start_stats = warm_start(
-                model, self.tokenizer, self.task, c.warm_start, max_prompt_length=c.rollout.max_prompt_length,
+                self.model, self.tokenizer, self.task, c.warm_start, max_prompt_length=c.rollout.max_prompt_length,
                 chat_template=c.rollout.chat_template, amp_dtype=self.amp, seed=c.seed,
                 kernel_impl=c.loss.kernel_impl,
             )
-        self.dist.sync_replicas(model)
-        self.reference = self._build_reference(resume_from is not None, template)
-        self.train_forward = self.dist.wrap(model, hidden=self.loss_impl == "fused_linear")
+            self._warm_pending = False
+            self._prepare_policy(resuming=False)
+        return self.warm_start_stats
+
+    def _prepare_policy(self, resuming: bool) -> None:
+        """After the warm start (or without one): sync the replicas, build the KL reference, wrap the policy
+        for the distributed forward and build the policy update."""
+        self.dist.sync_replicas(self.model)
+        self.reference = self._build_reference(resuming, self._template)
+        self._template = None
+        self.train_forward = self.dist.wrap(self.model, hidden=self.loss_impl == "fused_linear")
+        c, r = self.config, self.config.replay
+        self.update = PolicyUpdate(
+            self.model, self._loss_kwargs, loss_impl=self.loss_impl, kernel_impl=c.loss.kernel_impl, amp_dtype=self.amp,
+            rows_per_micro=self.micro_rows, cap=r.cap, lam=r.lam, advantages=r.advantages,
+            dist=self.dist if self.dist.enabled else None, forward=self.train_forward,
+            replay_normalize=r.normalize, scale=c.loss.scale_rewards,
+        )
 
     def _init_update(self) -> None:
-        """The optimizer, the replay buffer, the prompt sampler and the policy update."""
+        """The optimizer, the replay buffer, the prompt sampler and the loss settings of the policy update."""
         c, o, r, s = self.config, self.config.optim, self.config.replay, self.config.sampling
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, o.lr, o.betas, o.eps, weight_decay=o.weight_decay)
@@ -231,12 +259,7 @@ class Trainer(RunFiles):
         # only replayed rows carry behavior log-probs, so this changes nothing for fresh rows
         loss_kwargs["is_weight_kl"] = r.weight_kl
         self.micro_rows = o.micro_batch_groups * c.rollout.group_size if o.micro_batch_groups else None
-        self.update = PolicyUpdate(
-            self.model, loss_kwargs, loss_impl=self.loss_impl, kernel_impl=c.loss.kernel_impl, amp_dtype=self.amp,
-            rows_per_micro=self.micro_rows, cap=r.cap, lam=r.lam, advantages=r.advantages,
-            dist=self.dist if self.dist.enabled else None, forward=self.train_forward,
-            replay_normalize=r.normalize, scale=c.loss.scale_rewards,
-        )
+        self._loss_kwargs = loss_kwargs
 
     @contextlib.contextmanager
     def _rng_scope(self):
@@ -269,35 +292,13 @@ class Trainer(RunFiles):
             return want
         return "fused_linear" if (want == "fused_linear" or self.device.type == "cuda") else "logits"
 
-    def _build_reference(self, resuming: bool, template=None):
-        """The frozen KL reference: a copy of the warm-started policy, or the adapter-disabled base (LoRA)."""
-        if self.config.loss.beta == 0 or self.lora:
-            return None
-        path = self.out_dir / "reference.pt"
-        if self.dist.fsdp_on:
-            warm = self.warm_start_stats.get("warm_start_steps", 0) > 0
-            return self.dist.fsdp_reference(template, self.model, path, resuming, warm, self.amp)
-        ref = copy.deepcopy(self.model)
-        warm = self.warm_start_stats.get("warm_start_steps", 0) > 0
-        if resuming and path.is_file():
-            ref.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-        elif self.dist.is_main and warm:
-            ckpt.atomic_save({k: v.detach().cpu() for k, v in ref.state_dict().items()}, path)
-        # Without a warm start the reference is the initial model, which the config (or the caller) rebuilds
-        # on resume: it is not stored again. _load checks that a warm-started run's reference.pt is there.
-        if self.amp is not None:
-            ref = ref.to(self.amp)
-        ref.eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
-
     def train(self, callback=None) -> list[dict]:
         """Run until ``config.steps``; ``callback(metrics)`` after each step (return True to stop early).
         Returns the metric history (one dict per step)."""
         from tqdm.auto import tqdm
 
         c = self.config
+        self.run_warm_start()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._open_logs()
         bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.dist.is_main), desc="rerule")
@@ -322,6 +323,7 @@ class Trainer(RunFiles):
 
     def train_step(self) -> dict:
         """One RL step (see the module docstring); returns its metrics."""
+        self.run_warm_start()
         with self._rng_scope():
             return self._train_step()
 
@@ -416,22 +418,18 @@ class Trainer(RunFiles):
     def _update_buffer(self, fresh: FreshGroups, fresh_logps: torch.Tensor, step: int) -> tuple[int, int]:
         """Evict solved prompts, admit hard groups (behavior = the pre-update log-probs), update the
         prompt sampler. Returns (admitted, evicted_solved)."""
-        c, idx, means = self.config, fresh.idx, fresh.means
+        c, idx, means, G = self.config, fresh.idx, fresh.means, self.config.rollout.group_size
         admitted = evicted_solved = 0
         # Ranks sharing their fresh group means (rerule.train.distributed) see [(keys, means)] of every rank.
         shared = self.dist.enabled and c.distributed.share_group_means
         ranks = self.dist.gather((idx, means.tolist())) if shared else [(idx, means.tolist())]
         others = [g for r, g in enumerate(ranks) if r != self.dist.rank]
         if c.replay.enabled:
-            self.buffer.observe([x for _, ms in ranks for x in ms])
-            threshold = self.buffer.threshold
-            solved = [k for keys, ms in others for k, x in zip(keys, ms) if c.replay.evict_solved and x >= threshold]
-            evicted_solved += sum(self.buffer.evict_prompt(k) for k in solved)
-            for g, key in enumerate(idx):
-                if c.replay.evict_solved and float(means[g]) >= threshold:
-                    evicted_solved += self.buffer.evict_prompt(key)
-                    continue
-                admitted += self.buffer.offer(self._replay_group(fresh, fresh_logps, g, step)) == "admitted"
+            admitted, evicted_solved = admit_groups(
+                self.buffer, fresh.rewards.reshape(-1, G), idx, [self.pool[k].source for k in idx],
+                lambda hard: [self._replay_group(fresh, fresh_logps, g, step) for g in hard],
+                others=others, observed=[x for _, ms in ranks for x in ms], evict_solved=c.replay.evict_solved,
+            )
             self.buffer.expire(step + 1)
         for keys, ms in others:
             self.sampler.update(keys, ms)

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from rerule.train.buffer import ReplayBuffer, ReplayGroup
+from rerule.train.buffer import Admission, ReplayBuffer, ReplayGroup, admit_groups
 from rerule.train.sampling import PromptSampler
 
 
@@ -210,3 +210,56 @@ def test_sources_restrict_admission():
     assert buf.counters["source_excluded"] == 1 and len(buf) == 1
     with pytest.raises(ValueError, match="sources"):
         ReplayBuffer(sources="retain")
+
+
+def _admit(buf, rewards, keys, sources=None, **kw):
+    rewards = torch.tensor(rewards)
+    sources = sources or ["boundary"] * len(keys)
+    built = []
+
+    def build(hard):
+        built.append(list(hard))
+        return [group(keys[g], tuple(rewards[g].tolist()), source=sources[g]) for g in hard]
+
+    return admit_groups(buf, rewards, keys, sources, build, **kw), built
+
+
+def test_admit_groups_evicts_solved_and_builds_only_admitted_groups():
+    buf = ReplayBuffer(capacity=10, threshold=0.5)
+    buf.offer(group(1))  # key 1 is stored, then solved this step
+    buf.offer(group(5))  # key 5 is solved on another rank
+    rows = [(1.0, 0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 0.0), (0.0, 0.0, 0.0, 0.0), (1.0, 1.0, 0.0, 0.0)]
+    counts, built = _admit(buf, rows, [0, 1, 2, 3], others=[([5, 6], [0.75, 0.0])])
+    # group 0 admitted; 1 (0.75) and 3 (0.5 is not < 0.5) solved; 2 flat, not built
+    assert counts == Admission(admitted=1, evicted_solved=2) and built == [[0]]
+    assert [e.key for e in buf.entries] == [0]
+    assert buf.counters["flat"] == 1 and buf.counters["above_threshold"] == 0
+    assert list(buf.recent_means) == [0.25, 0.75, 0.0, 0.5]
+
+
+def test_admit_groups_without_eviction_counts_above_threshold():
+    buf = ReplayBuffer(capacity=10, threshold=0.5, sources="forget")
+    buf.offer(group(1, source="forget"))
+    rows = [(1.0, 1.0, 1.0, 0.0), (1.0, 0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0)]
+    counts, built = _admit(buf, rows, [1, 2, 3], ["forget", "boundary", "forget"], evict_solved=False,
+                           observed=[9.0])
+    assert counts == Admission(1, 0) and built == [[2]]
+    assert [e.key for e in buf.entries] == [1, 3] and list(buf.recent_means) == [9.0]
+    assert buf.counters["above_threshold"] == 1 and buf.counters["source_excluded"] == 1
+
+
+def test_admit_groups_skips_non_finite_groups_and_matches_offer_order():
+    buf = ReplayBuffer(capacity=1, threshold=0.5)
+    buf.offer(group(9))
+    rows = [(1.0, float("nan"), 0.0, 0.0), (1.0, 0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.0, 0.0, 0.0)]
+    counts, built = _admit(buf, rows, [9, 4, 9, 7])
+    # the NaN group neither evicts key 9 nor feeds the threshold; groups are handled in order, so 4 pushes
+    # out 9 by capacity before the solved group 2 evicts nothing, and 7 then pushes out 4
+    assert counts == Admission(2, 0) and built == [[1, 3]]
+    assert [e.key for e in buf.entries] == [7] and buf.counters["evicted_capacity"] == 2
+    assert list(buf.recent_means) == [0.25, 1.0, 0.125]
+
+
+def test_admit_groups_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="rewards must be"):
+        admit_groups(ReplayBuffer(), torch.zeros(3, 2), [0, 1], ["forget"] * 2, lambda hard: [])

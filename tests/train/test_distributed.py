@@ -401,6 +401,37 @@ def test_rank_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
     assert [m["step"] for m in rows] == list(range(1, STEPS + 1))
 
 
+def _save_and_load_training(rank, out):
+    """Checkpoint collectives on plain values: a model, an optimizer and a state dict (no trainer)."""
+    from rerule.train import checkpoint as ckpt
+    from rerule.train import distributed
+    from rerule.train.config import DistributedConfig
+
+    d = distributed.setup(DistributedConfig(), "cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = {"step": 5, "buffer": {"rank": rank}, "sampler": [rank], "rng": None, "history": []}
+    path = d.save_training(model, opt, state, out / "checkpoints", 5, keep=2)
+    assert "buffer" in state and d.check_resume(path if d.is_main else None) == path
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    parts = ckpt.load_checkpoint(path, map_location="cpu")
+    assert parts["state"]["world_size"] == 2 and "buffer" not in parts["state"]
+    d.load_training(fresh, fresh_opt, path, parts)
+    assert parts["state"]["buffer"] == {"rank": rank} and parts["state"]["sampler"] == [rank]
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_save_and_load_training_take_plain_values(tmp_path):
+    _fork_ranks(_save_and_load_training, (tmp_path / "plain",), tmp_path, timeout=60)
+    assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints" / "step-000005").glob("buffer-rank*.pt")) == [
+        "buffer-rank0.pt", "buffer-rank1.pt"]
+
+
 def test_single_process_dist_is_the_identity(monkeypatch):
     from rerule.train import distributed
     from rerule.train.config import DistributedConfig

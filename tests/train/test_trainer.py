@@ -305,10 +305,15 @@ def test_warm_start_kl_reference_and_hooks(tmp_path):
         warm_start_examples(toy_task(), 0.5, seed=0, mode="answers")
     seen = []
     tr = Trainer(cfg, task=toy_task(), reward_fn=upper_reward, evaluate_fn=lambda t: {"p_upper": p_upper(t)})
+    # the warm start is a stage of train(): the trainer is built without it, and its KL reference after it
+    assert tr.warm_start_stats == {} and tr.reference is None and not (tmp_path / "run" / "reference.pt").exists()
+    hist = tr.train(callback=lambda m: seen.append(m["step"]) or m["step"] == 2)
     ws = tr.warm_start_stats
     assert ws["warm_start_steps"] == 3 and ws["warm_start_loss_last"] < ws["warm_start_loss_first"]
     assert tr.reference is not None and (tmp_path / "run" / "reference.pt").is_file()
-    hist = tr.train(callback=lambda m: seen.append(m["step"]) or m["step"] == 2)
+    stored = torch.load(tmp_path / "run" / "reference.pt", weights_only=True)  # the warm-started weights
+    assert all(torch.equal(v.float(), stored[k].float()) for k, v in tr.reference.state_dict().items())
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["warm_start"] == json.loads(json.dumps(ws))
     assert seen == [1, 2] and len(hist) == 2  # the callback stopped it
     assert "eval/p_upper" in hist[1] and "eval/p_upper" not in hist[0]
     assert hist[-1]["kl"] > 0
