@@ -36,6 +36,7 @@ import torch
 
 from rerule.data import synthetic_world
 from rerule.data.schema import UnlearningTask
+from rerule.train.sft import sft_steps
 
 log = logging.getLogger(__name__)
 
@@ -223,23 +224,22 @@ def pretrain(model, tokenizer, task: UnlearningTask, cfg: dict, progress=print) 
     # Linear warm-up then constant: "until it answers" has no fixed length to decay over.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
     rng = random.Random(cfg.get("seed", 0))
+
+    def loss_fn(batch):
+        ids, mask, labels = _batch(batch, tokenizer.pad_token_id, device)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
     t0 = time.perf_counter()
     curve, acc, acc_unknown, losses, step, epoch = [], 0.0, None, [], 0, 0
     model.train()
     while epoch < cfg["max_epochs"]:
         order = list(range(len(examples)))
         rng.shuffle(order)
-        for i in range(0, len(order), cfg["batch_size"]):
-            batch = [examples[j] for j in order[i : i + cfg["batch_size"]]]
-            ids, mask, labels = _batch(batch, tokenizer.pad_token_id, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            step += 1
+        size = cfg["batch_size"]
+        batches = ([examples[j] for j in order[i : i + size]] for i in range(0, len(order), size))
+        epoch_losses = sft_steps(params, opt, sched, batches, loss_fn)
+        losses += epoch_losses
+        step += len(epoch_losses)
         epoch += 1
         if epoch % cfg["check_every"] == 0 or epoch == cfg["max_epochs"]:
             acc = exact_match(model, tokenizer, world)

@@ -12,12 +12,9 @@ the demo read alike.
 
 from __future__ import annotations
 
-import numpy as np
-
 from rerule.data.schema import UnlearningTask
-from rerule.eval.common import limit, probe_replies
-from rerule.eval.metrics import refusal_rate, rouge_l
-from rerule.eval.synthetic import KEYS
+from rerule.eval.common import score_probes
+from rerule.eval.synthetic import KEYS, score_recall_refusal
 
 
 def evaluate_custom(
@@ -25,15 +22,8 @@ def evaluate_custom(
     max_new_tokens: int | None = None, progress: bool = False, return_samples: bool = False,
 ):  # fmt: skip
     """Score ``model`` on a custom task (keys in the module doc; a set the task lacks is left out)."""
-    metrics, samples = {}, {}
-    for name, (quality_key, refusal_key) in KEYS.items():
-        probe = task.probes.get(name)
-        recs = limit(probe.records, max_examples) if probe is not None else []
-        if not recs:
-            continue
-        replies = probe_replies(model, tokenizer, probe, recs, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
-        metrics[quality_key] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall))
-        metrics[refusal_key] = refusal_rate(replies)
-        samples[f"{name}_replies"] = replies
+    metrics, samples = score_probes(
+        model, tokenizer, {n: task.probes[n] for n in KEYS if n in task.probes}, score_recall_refusal,
+        batch_size=batch_size, max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress,
+    )  # fmt: skip
     return (metrics, samples) if return_samples else metrics

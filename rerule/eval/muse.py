@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from rerule.data.schema import UnlearningTask
-from rerule.eval.common import limit, probe_min_k, probe_replies
+from rerule.eval.common import limit, probe_min_k, score_probes
 from rerule.eval.metrics import MUSE_REFERENCE_AUC, mia_auc, privleak, rouge_l
 
 REFERENCE_AUC = 0.5  # for a corpus without a published reference
@@ -65,20 +65,7 @@ def evaluate_muse(
         ``dict[str, float]``, or ``(metrics, samples)`` with ``return_samples``
         (replies per generated probe, Min-K% scores per privleak split).
     """
-    metrics, samples = {}, {}
-    for name in ("knowmem_forget", "knowmem_retain", "verbmem_forget"):
-        probe = task.probes[name]
-        recs = limit(probe.records, max_examples)
-        replies = probe_replies(
-            model,
-            tokenizer,
-            probe,
-            recs,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-            strip=False,  # MUSE cuts the raw reply (a leading "\n\n" empties it)
-        )
+    def score(name, probe, recs, replies):
         refs = [r.answer for r in recs]
         if name.startswith("knowmem"):
             replies = [cut_knowmem_reply(t) for t in replies]
@@ -86,8 +73,13 @@ def evaluate_muse(
             n = max_new_tokens or probe.max_new_tokens
             refs = [truncate_reference(tokenizer, a, n) for a in refs]
         f1 = rouge_l(replies, refs, use_stemmer=False).f1
-        metrics[f"{name}_rouge_l_f1"] = float(np.mean(f1))
-        samples[f"{name}_replies"] = replies
+        return {f"{name}_rouge_l_f1": float(np.mean(f1))}, {f"{name}_replies": replies}
+
+    metrics, samples = score_probes(
+        model, tokenizer, {n: task.probes[n] for n in ("knowmem_forget", "knowmem_retain", "verbmem_forget")}, score,
+        batch_size=batch_size, max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress,
+        skip_empty=False, strip=False,  # MUSE cuts the raw reply (a leading "\n\n" empties it)
+    )  # fmt: skip
     scores = {}
     for split in ("forget", "holdout"):
         probe = task.probes[f"privleak_{split}"]

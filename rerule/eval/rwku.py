@@ -23,9 +23,9 @@ import numpy as np
 
 from rerule.data.rwku import PROBE_CONFIGS
 from rerule.data.schema import UnlearningTask
-from rerule.eval.common import limit
+from rerule.eval.common import limit, score_probes
 from rerule.eval.metrics import mean_per_group, min_k_plus_plus, rouge_pkg_l_recall, zlib_score
-from rerule.eval.model_io import answer_logprobs, generate_greedy
+from rerule.eval.model_io import answer_logprobs
 
 MIA_K = 0.2
 _FB = "Please complete the blank in the following question.\nQuestion: {}\n"
@@ -101,21 +101,16 @@ def evaluate_rwku(
     Returns:
         ``dict[str, float]``, or ``(metrics, samples)`` with ``return_samples``.
     """
-    metrics, samples = {}, {}
-    for name in PROBE_CONFIGS:
-        probe = task.probes[name]
-        recs = limit(probe.records, max_examples)
-        if not recs:
-            continue
-        replies = generate_greedy(
-            model, tokenizer, rwku_prompts(tokenizer, name, recs, chat_template),
-            max_new_tokens or probe.max_new_tokens, batch_size, stop_at_newline=True, progress=progress, desc=name,
-        )  # fmt: skip
-        replies = [t.strip() for t in replies]
+    def score(name, probe, recs, replies):
         recall = [rouge_pkg_l_recall(p, r.answer) for p, r in zip(replies, recs)]
-        metrics[f"{name}_rouge_l_recall"] = mean_per_group(recall, [r.subject for r in recs])
-        samples[f"{name}_replies"] = replies
-        samples[f"{name}_rouge_l_recall"] = recall
+        m = {f"{name}_rouge_l_recall": mean_per_group(recall, [r.subject for r in recs])}
+        return m, {f"{name}_replies": replies, f"{name}_rouge_l_recall": recall}
+
+    metrics, samples = score_probes(
+        model, tokenizer, {name: task.probes[name] for name in PROBE_CONFIGS}, score, batch_size=batch_size,
+        max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress, stop_at_newline=True,
+        prompts=lambda name, recs: rwku_prompts(tokenizer, name, recs, chat_template),
+    )  # fmt: skip
     for name in ("mia_forget", "mia_retain"):
         probe = task.probes[name]
         recs = limit(probe.records, max_examples)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from rerule.data.schema import UnlearningTask
-from rerule.eval.common import limit, probe_replies
+from rerule.eval.common import score_probes
 from rerule.eval.metrics import refusal_rate, rouge_l
 
 KEYS = {
@@ -21,6 +21,16 @@ KEYS = {
     "boundary": ("boundary_quality", "boundary_over_refusal"),
     "retain": ("retain_quality", "retain_refusal_rate"),
 }
+
+
+def score_recall_refusal(name, probe, recs, replies) -> tuple[dict, dict]:
+    """Probe set ``name``'s ROUGE-L recall and refusal rate under its :data:`KEYS`, and its replies."""
+    quality_key, refusal_key = KEYS[name]
+    metrics = {
+        quality_key: float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall)),
+        refusal_key: refusal_rate(replies),
+    }
+    return metrics, {f"{name}_replies": replies}
 
 
 def evaluate_synthetic(
@@ -33,22 +43,8 @@ def evaluate_synthetic(
         ``dict[str, float]``, or ``(metrics, samples)`` with ``return_samples``
         where samples maps ``"{probe}_replies"`` to the replies.
     """
-    metrics, samples = {}, {}
-    for name, (quality_key, refusal_key) in KEYS.items():
-        probe = task.probes[name]
-        recs = limit(probe.records, max_examples)
-        if not recs:
-            continue
-        replies = probe_replies(
-            model,
-            tokenizer,
-            probe,
-            recs,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-        )
-        metrics[quality_key] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall))
-        metrics[refusal_key] = refusal_rate(replies)
-        samples[f"{name}_replies"] = replies
+    metrics, samples = score_probes(
+        model, tokenizer, {name: task.probes[name] for name in KEYS}, score_recall_refusal, batch_size=batch_size,
+        max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress,
+    )  # fmt: skip
     return (metrics, samples) if return_samples else metrics

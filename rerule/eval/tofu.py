@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from rerule.data.schema import ProbeRecord, ProbeSet, UnlearningTask
-from rerule.eval.common import limit, probe_replies
+from rerule.eval.common import limit, score_probes
 from rerule.eval.metrics import (
     extraction_strength,
     forget_quality,
@@ -94,20 +94,8 @@ def evaluate_tofu(
         ``dict[str, float]``, or ``(metrics, samples)`` with ``return_samples``;
         samples hold ``{set}_truth_ratios`` and ``{set}_replies`` lists.
     """
-    metrics, samples = {}, {}
-    for name in SETS:
-        probe = task.probes[name]
-        recs = limit(probe.records, max_examples)
-        replies = probe_replies(
-            model,
-            tokenizer,
-            probe,
-            recs,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-        )
-        metrics[f"{name}_rouge_l_recall"] = float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall))
+    def score(name, probe, recs, replies):
+        m = {f"{name}_rouge_l_recall": float(np.mean(rouge_l(replies, [r.answer for r in recs]).recall))}
         p_answer, p_base, p_pert = _probabilities(model, tokenizer, probe, recs, batch_size, progress)
         # TOFU combines the perturbed options by averaging their mean token losses: a geometric mean.
         p_pert_geo = np.array([np.exp(np.mean(np.log(p))) for p in p_pert])
@@ -116,10 +104,14 @@ def evaluate_tofu(
             prob = p_answer / (p_answer + np.array([sum(p) for p in p_pert]))
         else:
             prob = p_answer
-        metrics[f"{name}_prob"] = float(np.mean(prob))
-        metrics[f"{name}_truth_ratio"] = truth_ratio_stat(tr, "forget" if name == "forget" else "retain")
-        samples[f"{name}_truth_ratios"] = tr.tolist()
-        samples[f"{name}_replies"] = replies
+        m[f"{name}_prob"] = float(np.mean(prob))
+        m[f"{name}_truth_ratio"] = truth_ratio_stat(tr, "forget" if name == "forget" else "retain")
+        return m, {f"{name}_truth_ratios": tr.tolist(), f"{name}_replies": replies}
+
+    metrics, samples = score_probes(
+        model, tokenizer, {name: task.probes[name] for name in SETS}, score, batch_size=batch_size,
+        max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress, skip_empty=False,
+    )  # fmt: skip
     metrics["model_utility"] = model_utility({k: v for k, v in metrics.items() if not k.startswith("forget")})
     if retain_truth_ratios is not None:
         metrics["forget_quality"] = forget_quality(samples["forget_truth_ratios"], retain_truth_ratios)

@@ -20,6 +20,7 @@ from rerule.train.rollout import (
     right_pad,
     use_chat_template,
 )
+from rerule.train.sft import sft_steps
 
 WARM_START_MODES = ("rejection_steering", "with_answers")
 
@@ -83,13 +84,18 @@ def warm_start(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, steps // 2), steps)
     g = torch.Generator().manual_seed(seed + 1)
-    order: list[int] = []
-    losses = []
-    model.train()
-    for _ in range(steps):
-        if len(order) < cfg.batch_size:
-            order += torch.randperm(len(examples), generator=g).tolist()
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+
+    def batches():
+        """``steps`` batches of example indices, drawn from seeded permutations carried over epochs."""
+        order: list[int] = []
+        for _ in range(steps):
+            if len(order) < cfg.batch_size:
+                order += torch.randperm(len(examples), generator=g).tolist()
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            yield idx
+
+    def loss_fn(idx):
+        """Token-mean cross-entropy on the target tokens (and EOS) of examples ``idx``."""
         p_ids, p_mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
         c_ids = right_pad([torch.tensor([targets[i]]) for i in idx], tokenizer.pad_token_id)
         c_mask = right_pad([torch.ones(1, len(targets[i]), dtype=torch.long) for i in idx], 0)
@@ -97,12 +103,9 @@ def warm_start(
         with autocast(device, amp_dtype):
             logits = completion_logits(model, mb)
         logp, _ = token_logps(logits, mb.completion_ids, mb.completion_mask, impl=kernel_impl)
-        loss = -(logp * mb.completion_mask).sum() / mb.completion_mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        return -(logp * mb.completion_mask).sum() / mb.completion_mask.sum()
+
+    model.train()
+    losses = sft_steps(params, opt, sched, batches(), loss_fn)
     opt.zero_grad(set_to_none=True)
     return {"warm_start_steps": steps, "warm_start_loss_first": losses[0], "warm_start_loss_last": losses[-1]}

@@ -200,7 +200,7 @@ def test_evaluate_synthetic_wiring(monkeypatch):
             return ["I'm not sure."] + [r.answer for r in recs[1:]]
         return ["wrong"] * len(recs)
 
-    monkeypatch.setattr("rerule.eval.synthetic.probe_replies", replies)
+    monkeypatch.setattr("rerule.eval.common.probe_replies", replies)
     m = evaluate_synthetic(None, None, task)
     assert m == pytest.approx(
         {
