@@ -34,7 +34,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def _task(n: int = 16):
     recs = [NS(prompt=f"Tell me everything you know about item number {i}.", answer=f"item {i}",
-               subject=f"Item {i}", source="forget" if i % 2 else "boundary") for i in range(n)]  # fmt: skip
+               subject=f"Item {i}", source="forget" if i % 2 else "boundary") for i in range(n)]
     forget = [r for r in recs if r.source == "forget"]
     return NS(forget=forget, boundary=[r for r in recs if r.source != "forget"])
 
@@ -52,7 +52,7 @@ def _trainer(device: str, replay: bool, tmp_path) -> Trainer:
         "rollout": {"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 32},
         "optim": {"lr": 1e-7}, "loss": {"beta": 0.0},
         "replay": {"enabled": replay, "start_step": 1, "fraction": 0.125, "staleness": 16},
-    })  # fmt: skip
+    })
     return Trainer(cfg, task=_task(), reward_fn=_reward)
 
 
@@ -76,7 +76,7 @@ def test_replay_overhead(benchmark, device, tmp_path):
     # The RULE step is each round's setup, which pytest-benchmark does not time; both time themselves.
     rounds = ROUNDS if benchmark.enabled else 1  # --benchmark-disable: one paired round, as a plain test
     benchmark.pedantic(step, args=("rerule", rerule), setup=lambda: step("rule", rule), rounds=rounds,
-                       iterations=1, warmup_rounds=0)  # fmt: skip
+                       iterations=1, warmup_rounds=0)
     rule_steps, rerule_steps = rule.history[-rounds:], rerule.history[-rounds:]
     assert all(m["replay_groups"] >= 1 for m in rerule_steps), "the benchmark must actually replay"
 
@@ -100,7 +100,7 @@ def test_replay_overhead(benchmark, device, tmp_path):
         "train_tokens_rule": sum(m["train_tokens"] for m in rule_steps),
         "train_tokens_rerule": sum(m["train_tokens"] for m in rerule_steps),
         "replay_groups_per_step": statistics.mean(m["replay_groups"] for m in rerule_steps),
-    })  # fmt: skip
+    })
     print(f"\n[{device}] CPU time per step: RULE {c_rule * 1e3:.0f} ms, ReRULE {c_rerule * 1e3:.0f} ms, "
           f"paired ratio {paired:.3f}; wall ratio {t_rerule / t_rule:.3f} (update only "
-          f"{u_rerule / u_rule:.3f})")  # fmt: skip
+          f"{u_rerule / u_rule:.3f})")

@@ -34,11 +34,11 @@ JSON_NAME, MD_NAME = "e2e_train.json", "e2e_train.md"
 
 # The synthetic unlearning world (embedded data, no download), small enough for a few steps.
 TASK = {"name": "synthetic", "kwargs": {"seed": 0, "hardness": 0.8, "n_forget": 8, "n_boundary": 8, "n_retain": 0,
-                                        "n_attributes": 2, "n_templates": 2}}  # fmt: skip
+                                        "n_attributes": 2, "n_templates": 2}}
 TINY_GPU = {"hidden_size": 256, "intermediate_size": 768, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
-            "tokenizer": "char"}  # fmt: skip
+            "tokenizer": "char"}
 TINY_CPU = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
-            "tokenizer": "char"}  # fmt: skip
+            "tokenizer": "char"}
 
 
 def plan(cpu: bool, steps: int | None) -> dict:
@@ -64,7 +64,7 @@ def train_config(model: str, arm: str, p: dict, device: str, out_dir: Path, mode
         # ReRULE replays from step 1, and admits every group that is not solved and not flat (threshold 1),
         # so that the measured ReRULE steps replay whenever the buffer holds anything
         "replay": {"enabled": arm == "rerule", "start_step": 1, "fraction": 0.125, "threshold": 1.0},
-    }  # fmt: skip
+    }
     if model == "tiny":
         cfg["model"] = {"name_or_path": "tiny", "tiny": TINY_CPU if device == "cpu" else TINY_GPU}
     else:
@@ -142,9 +142,9 @@ def smollm2_folder(work: Path) -> tuple[str | None, str]:
         wheel = _find_wheel(pattern)
         if wheel is None:
             return None, (f"{module} is not installed and no {pattern} in $RERULE_E2E_WHEELS, bench/wheels or "
-                          "shared/wheels (see bench/gpu_e2e.sh)")  # fmt: skip
+                          "shared/wheels (see bench/gpu_e2e.sh)")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--disable-pip-version-check", "--target", str(site), str(wheel)], check=True)  # fmt: skip
+                        "--disable-pip-version-check", "--target", str(site), str(wheel)], check=True)
         if str(site) not in sys.path:
             sys.path.insert(0, str(site))
         importlib.invalidate_caches()
@@ -184,7 +184,7 @@ def kernel_checks(device: str, cpu: bool) -> list[dict]:
         ("dapo-sequence-kl-vllm-seqmask", dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.04,
                                                bias_correction_kl=True, is_cap=3.0),
          dict(is_mode="sequence_mask")),
-    ]  # fmt: skip
+    ]
     out = []
     for B, T, V, H in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -251,7 +251,7 @@ def markdown(data: dict) -> str:
     lines = [f"### End-to-end training on {data['card']} ({data['date']})", "",
              "| model | arm | steps | step s | rollout s | update s | rollout tok/s | update tok/s | tok/s | "
              "peak MiB | replayed groups/step | ReRULE overhead (step / update) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for model, res in data["models"].items():
         for arm in ("rule", "rerule"):
             s = res.get(arm)
@@ -262,7 +262,7 @@ def markdown(data: dict) -> str:
             lines.append(f"| {model} | {arm} | {s['measured_steps']}/{s['steps']} | {f(s['step_s'], 3)} | "
                          f"{f(s['rollout_s'], 3)} | {f(s['update_s'], 3)} | {f(s['rollout_tok_per_s'], 0)} | "
                          f"{f(s['update_tok_per_s'], 0)} | {f(s['tok_per_s'], 0)} | {f(s['peak_mem_mib'], 0)} | "
-                         f"{f(s['replay_groups_per_step'], 1)} | {ov} |")  # fmt: skip
+                         f"{f(s['replay_groups_per_step'], 1)} | {ov} |")
     for model, why in data["not_run"].items():
         lines.append(f"| {model} | not run: {why} ||||||||||")
     lines += ["", "Kernel bf16 checks on the device:", ""]
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         runs = {k: v for k, v in runs.items() if k in wanted}
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     data = {"card": card, "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
-            "plan": runs, "models": {}, "not_run": {}, "kernel_checks": []}  # fmt: skip
+            "plan": runs, "models": {}, "not_run": {}, "kernel_checks": []}
     t0 = time.perf_counter()
 
     def write():  # after every stage: a run stopped at its deadline keeps what it measured

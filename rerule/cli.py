@@ -50,7 +50,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config: a path or a shipped config's name (default: the defaults)")
     p.add_argument("--resume", nargs="?", const="must", choices=("must", "auto"), default=None,
                    help="continue from output_dir/checkpoints; an error when there is none, unless "
-                        "--resume auto (then train from scratch)")  # fmt: skip
+                        "--resume auto (then train from scratch)")
     p.add_argument("--overwrite", action="store_true",
                    help=f"train into a non-empty output_dir, removing the previous run's {', '.join(RUN_FILES)}")
     p.add_argument("--describe", action="store_true", help="list every config key with its default and help")
@@ -145,7 +145,7 @@ def _print_sizes(trainer) -> None:
         parts.append(f"checkpoint {latest.name} {human_size(dir_size(latest))}")
     ref = trainer.out_dir / "reference.pt"
     parts.append(f"reference.pt {human_size(ref.stat().st_size)}" if ref.is_file()
-                 else "reference: the initial model (not stored)")  # fmt: skip
+                 else "reference: the initial model (not stored)")
     final = trainer.out_dir / "final"
     if final.is_dir():
         parts.append(f"final/ {human_size(dir_size(final))}")
@@ -155,7 +155,7 @@ def _print_sizes(trainer) -> None:
 def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("report", help="plots and a summary of a training run directory",
                               description="rerule report RUN_DIR: reward and refusal per source, eval quality, "
-                                          "buffer size, IS weights and ESS, from RUN_DIR/metrics.jsonl")  # fmt: skip
+                                          "buffer size, IS weights and ESS, from RUN_DIR/metrics.jsonl")
     p.add_argument("run_dir", help="a training run's output_dir (holds metrics.jsonl)")
     p.add_argument("--out", default=None, help="where the plots go (default RUN_DIR/report)")
     p.set_defaults(func=run_report)
@@ -185,7 +185,7 @@ def _add_demo(subparsers) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rerule", description="RULE / ReRULE reinforcement unlearning",
-                                     epilog="--debug (anywhere): show the traceback of an error")  # fmt: skip
+                                     epilog="--debug (anywhere): show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     _add_eval(sub)

@@ -75,7 +75,7 @@ _RULE_FAMILIES: tuple[tuple[str, tuple[str, ...], str, tuple[str, ...]], ...] = 
       "Unfortunately,", "clueless", "stumped", r"a\s+mystery\s+to\s+me",
       r"lacking\s+(?:information|knowledge|insight|specifics|data)", r"dark\s+about",
       r"draw(?:ing)?\s+a\s+blank", r"short\s+with", r"limited\s+to", r"blank\s+on")),
-)  # fmt: skip
+)
 
 
 def _family(leads: tuple[str, ...], joint: str, tails: tuple[str, ...]) -> str:
@@ -120,7 +120,7 @@ _STRICT_PATTERNS: tuple[tuple[str, str], ...] = (
      "don't have information"),
     (r"\bno\s+(?:reliable\s+|available\s+)?information\s+(?:about|on|regarding)\b", "no information about"),
     (r"\bi\s+can't\s+help\s+with\b", "I can't help with"),
-)  # fmt: skip
+)
 
 STRICT_REFUSAL_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
     re.compile(p, re.IGNORECASE) for p, _ in _STRICT_PATTERNS

@@ -376,7 +376,7 @@ def test_benchmark_disable_runs_every_benchmark_once_and_writes_nothing(tmp_path
     files = ["bench/test_bench_loss.py", "bench/test_bench_advantages.py"]
     res = subprocess.run([sys.executable, "-m", "pytest", *files, "-v", "-p", "no:cacheprovider", "-p", "no:xdist",
                           "--benchmark-disable", "-rs"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+                         timeout=300)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-3000:]
     passed = [line for line in log.splitlines() if line.rstrip().endswith("PASSED") or " PASSED " in line]

@@ -26,7 +26,7 @@ def _one_line(capsys, command: str) -> str:
 
 def _train(tmp_path, *extra) -> list[str]:
     return ["train", "--config", "smoke", "--output_dir", str(tmp_path / "run"), "--progress", "off",
-            "--tensorboard", "off", "--no-report", *extra]  # fmt: skip
+            "--tensorboard", "off", "--no-report", *extra]
 
 
 def test_missing_model_path(tmp_path, capsys):
@@ -84,7 +84,7 @@ def test_tensorboard_on_without_tensorboard(tmp_path, capsys):
     import importlib.util
 
     code = cli.main(_train(tmp_path, "--tensorboard", "on", "--steps", "1", "--warm_start.epochs", "0",
-                           "--rollout.max_new_tokens", "2"))  # fmt: skip
+                           "--rollout.max_new_tokens", "2"))
     if importlib.util.find_spec("tensorboard") is None:
         assert code == 2 and "pip install tensorboard" in _one_line(capsys, "train")
     else:
@@ -129,11 +129,11 @@ def test_smollm2_gguf_trains_one_step_from_the_cli(tmp_path, capsys):
     argv = ["train", "--config", "smoke", "--model.name_or_path", "smollm2", "--output_dir", str(out), "--steps", "1",
             "--warm_start.epochs", "0", "--rollout.prompts_per_step", "2", "--rollout.group_size", "2",
             "--rollout.max_new_tokens", "2", "--optim.lr", "2e-6", "--progress", "off", "--tensorboard", "off",
-            "--save_final", "off", "--no-report", "--eval_every", "0", "--loss.beta", "0"]  # fmt: skip
+            "--save_final", "off", "--no-report", "--eval_every", "0", "--loss.beta", "0"]
     assert cli.main(argv) == 0
     step = out / "checkpoints" / "step-000001"
     assert (step / "config.json").is_file() and (step / "model.safetensors").is_file()
     assert "quantization_config" not in json.loads((step / "config.json").read_text())
     argv = ["eval", "--config", "smoke", "--model", str(step), "--out", str(tmp_path / "e.json"), "--max-examples",
-            "1", "--max-new-tokens", "2", "--no-progress", "--dtype", "float32"]  # fmt: skip
+            "1", "--max-new-tokens", "2", "--no-progress", "--dtype", "float32"]
     assert cli.main(argv) == 0

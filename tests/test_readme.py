@@ -46,7 +46,7 @@ def test_own_data_walkthrough_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(python[0], "README own data", "exec"), {"__name__": "__readme__"})
     short = ["--steps", "2", "--warm_start.epochs", "2", "--rollout.max_new_tokens", "4", "--progress", "off",
-             "--eval_every", "0"]  # fmt: skip
+             "--eval_every", "0"]
     commands = _commands(bash[0])
     assert [c[0] for c in commands] == ["train", "report", "eval", "eval"]
     for argv in commands:

@@ -21,7 +21,7 @@ def test_smoke_config_learns(tmp_path, capsys):
     out = tmp_path / "smoke"
     cfg = TrainConfig.from_yaml("smoke")
     assert cli.main(["train", "--config", "smoke", "--output_dir", str(out), "--progress", "off",
-                     "--eval-max-examples", "4"]) == 0  # fmt: skip
+                     "--eval-max-examples", "4"]) == 0
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, cfg.steps + 1))
     first, last = rows[:3], rows[-10:]

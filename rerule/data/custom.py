@@ -66,7 +66,7 @@ PROMPT_FORMAT = "Question: {prompt}\nAnswer:"
 def _check_row(row: Any, where: str, split: str) -> dict[str, str | None]:
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected an object with question / answer / subject, got "
-                              f"{type(row).__name__}")  # fmt: skip
+                              f"{type(row).__name__}")
     out = {}
     required = ("question", "answer", "subject") if split == "forget" else ("question", "answer")
     for name in ("question", "answer", "subject", "pair"):
@@ -137,7 +137,7 @@ def _find_file(root: Path, split: str) -> Path | None:
     hits = [root / f"{split}{ext}" for ext in FORMATS if (root / f"{split}{ext}").is_file()]
     if len(hits) > 1:
         raise ValueError(f"data_dir {str(root)!r} holds several {split} files ({', '.join(p.name for p in hits)}): "
-                         f"keep one")  # fmt: skip
+                         f"keep one")
     return hits[0] if hits else None
 
 
@@ -150,7 +150,7 @@ def _hub(hub_id: str) -> dict:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"custom task: cannot load {hub_id!r} from the Hugging Face hub ({type(e).__name__}: "
                          f"{first}); offline? put forget.jsonl (boundary, retain) in a folder and pass "
-                         f"task.data_dir") from None  # fmt: skip
+                         f"task.data_dir") from None
 
 
 def load_rows(data_dir=None, files: dict | None = None, hub_id: str | None = None):
@@ -192,7 +192,7 @@ def load_rows(data_dir=None, files: dict | None = None, hub_id: str | None = Non
     if not rows.get("forget"):
         where = data_dir or hub_id or "task.kwargs"
         raise ValueError(f"custom task: no forget rows found in {str(where)!r} (expected forget.jsonl, .json, "
-                         f".csv or .parquet, or a 'forget' split)")  # fmt: skip
+                         f".csv or .parquet, or a 'forget' split)")
     return rows, origin
 
 
@@ -224,7 +224,7 @@ def generate_boundary(forget: list[dict], retain: list[dict], n_boundary: int | 
 
 def load_custom(data_dir: str | Path | None = None, hub_id: str | None = None, *, forget: str | None = None,
                 boundary: str | None = None, retain: str | None = None, n_boundary: int | None = None,
-                max_new_tokens: int = 32, name: str | None = None) -> UnlearningTask:  # fmt: skip
+                max_new_tokens: int = 32, name: str | None = None) -> UnlearningTask:
     """Build the task (module doc). ``forget`` / ``boundary`` / ``retain`` are file paths (relative paths are
     tried as given, then under ``data_dir``); ``n_boundary`` sets how many boundary prompts the rule makes
     when there is no boundary set; ``max_new_tokens`` is the evaluation reply length."""
@@ -246,10 +246,10 @@ def load_custom(data_dir: str | Path | None = None, hub_id: str | None = None, *
     def probe(split, recs):
         items = [ProbeRecord(r.prompt, r.answer, r.subject or None) for r in recs]
         return ProbeSet(split, items, ("rouge_l_recall", "refusal_rate"), PROMPT_FORMAT,
-                        max_new_tokens=max_new_tokens)  # fmt: skip
+                        max_new_tokens=max_new_tokens)
 
     probes = {s: probe(s, recs) for s, recs in (("forget", forget_recs), ("boundary", boundary_recs),
-                                                 ("retain", retain_recs)) if recs}  # fmt: skip
+                                                 ("retain", retain_recs)) if recs}
     return UnlearningTask(
         name=name or f"custom/{Path(str(data_dir or hub_id or origin['forget'])).name}",
         forget=forget_recs,

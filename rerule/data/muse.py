@@ -120,7 +120,7 @@ def _probe_sets(split_rows: dict, verb: list, priv: dict, subject: str) -> dict[
         return ProbeSet(
             name, recs, ("rouge_l_f1",), KNOWMEM_FORMAT, prefix=_few_shot(split_rows[icl]),
             max_new_tokens=KNOWMEM_TOKENS, stop_at_newline=False,  # MUSE cuts at "\n\n" / "Question" instead
-        )  # fmt: skip
+        )
 
     probes = {
         "knowmem_forget": knowmem("knowmem_forget", "forget_qa", "forget_qa_icl"),

@@ -161,11 +161,11 @@ def _probe_sets(data_dir, keep: set[str], files: dict) -> dict[str, ProbeSet]:
                 r["subject"],
                 kind=_kind(config, r["query"]),
                 meta={"level": r.get("level"), "type": r.get("type")},
-            )  # fmt: skip
+            )
             for r in rows
         ]
         probes[config] = ProbeSet(
             config, recs, ("rouge_l_recall",), QA_FORMAT, max_new_tokens=MAX_NEW_TOKENS,
             kind_formats={"fill_blank": FB_FORMAT},
-        )  # fmt: skip
+        )
     return probes

@@ -43,21 +43,21 @@ FIRST = (
     "Aldren", "Brisa", "Corvin", "Dalia", "Eskel", "Fenna", "Galen", "Halsey", "Ilora", "Joren", "Kesta",
     "Lunet", "Mira", "Norvel", "Odette", "Perrin", "Quilla", "Rowan", "Sabeth", "Tamsin", "Ulric", "Vesna",
     "Wren", "Xavia", "Yorick", "Zelda", "Anselm", "Beatrix", "Cassian", "Delphine", "Emrys", "Florian",
-)  # fmt: skip
+)
 LAST = (
     "Tolvane", "Brackwell", "Castellan", "Dunmore", "Everhart", "Fairlow", "Grantham", "Holloway",
     "Ingersol", "Jarrow", "Kestrel", "Lindqvist", "Marrowby", "Northcott", "Orlov", "Pendragon", "Quarles",
     "Ravensworth", "Sallow", "Thornbury", "Underhill", "Vantreight", "Westmacott", "Yardley", "Zennor",
     "Ashdown", "Blackmere", "Coldridge", "Drummond", "Elsworth", "Farrant", "Gillingham",
-)  # fmt: skip
+)
 CITIES = (
     "Velmora", "Ostrand", "Carrowmere", "Duskvale", "Elmhaven", "Frostmark", "Glenhallow", "Harrowgate",
     "Ironbridge", "Juniper Bay", "Kingsreach", "Larkspur", "Mistral", "Northwold", "Oakenshaw", "Pellham",
-)  # fmt: skip
+)
 PROFESSIONS = (
     "novelist", "chemist", "architect", "painter", "composer", "astronomer", "sculptor", "botanist",
     "cartographer", "violinist", "engineer", "poet",
-)  # fmt: skip
+)
 WORK_ADJ = (
     "Silent",
     "Amber",
@@ -85,11 +85,11 @@ WORK_NOUN = (
 AWARDS = (
     "the Orrin Medal", "the Vale Prize", "the Halden Award", "the Corwick Medal", "the Sable Prize",
     "the Linden Award", "the Ostry Medal", "the Marlow Prize", "the Fenwick Award", "the Ashgrove Medal",
-)  # fmt: skip
+)
 MENTORS = (
     "Ilse Marrow", "Tobin Greave", "Odile Fenner", "Caspar Lowe", "Henrike Sands", "Mattias Crane",
     "Petra Vail", "Anders Hollis", "Livia Morn", "Radek Stroud", "Sunniva Dale", "Edmund Pike",
-)  # fmt: skip
+)
 
 # (question templates, bio sentence) per attribute, in the order n_attributes takes them.
 ATTRIBUTES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -224,7 +224,7 @@ def _records(e: Entity, attributes, n_templates: int) -> list[PromptRecord]:
                     e.role,
                     pair=e.pair,
                     meta={"attribute": attr, "template": t},
-                )  # fmt: skip
+                )
             )
     return out
 

@@ -53,7 +53,7 @@ _POSSESSIVE = re.compile(r"['\u2019]s?$")
 _LEADING = {
     "What", "Who", "Where", "When", "How", "Which", "Why", "Is", "Are", "Was", "Were", "Has", "Have",
     "Had", "Did", "Does", "Do", "Can", "Could", "In", "The", "Name", "Tell", "Author", "Can't", "Would",
-}  # fmt: skip
+}
 
 
 def author_names(questions: list[str], block: int = QUESTIONS_PER_AUTHOR) -> list[str]:
@@ -202,7 +202,7 @@ def _probe_sets(forget: str, data_dir, qpa: int, origins: dict) -> dict[str, Pro
         probes["holdout"] = ProbeSet(
             "holdout", [ProbeRecord(r["question"], r["answer"]) for r in h_rows], ("min_k_prob",), PROMPT_FORMAT,
             max_new_tokens=MAX_NEW_TOKENS,
-        )  # fmt: skip
+        )
     except FileNotFoundError:
         pass  # a local copy without the holdout set: no PrivLeak
     return probes

@@ -89,7 +89,7 @@ def arm_matched(evals: list[dict], levels=LEVELS) -> dict:
             str(L): (None if p is None else {"boundary_quality": p["boundary_quality"],
                                              "retain_quality": p["retain_quality"], "step": p["step"]})
             for L, p in fr.items()
-        },  # fmt: skip
+        },
         "front_area": front_area(evals),
     }
 

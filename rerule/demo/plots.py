@@ -177,7 +177,7 @@ def plot_sweep(report: dict, out_dir: Path) -> Path:
                 if ref and key == "gain":
                     continue
                 ax.errorbar(x, [stats[reg][h][arm][key][0] for h in hs], yerr=[stats[reg][h][arm][key][1] for h in hs],
-                            fmt="s--" if ref else "o-", color="k" if ref else None, capsize=3, label=arm)  # fmt: skip
+                            fmt="s--" if ref else "o-", color="k" if ref else None, capsize=3, label=arm)
         row[1].axhline(0, color="k", lw=0.8)
         for ax, (_, title) in zip(row, panels):
             ax.set_title(f"{reg}: {title}", fontsize=10)
@@ -200,7 +200,7 @@ def plot_sweep_fronts(report: dict, out_dir: Path) -> Path:
     plt = _plt()
     cells = report["cells"]
     keys = sorted({(c.get("regime") or "with_answers", str(c["hardness"])) for c in cells},
-                  key=lambda k: (k[0], float(k[1])))  # fmt: skip
+                  key=lambda k: (k[0], float(k[1])))
     regimes = sorted({k[0] for k in keys})
     hards = sorted({k[1] for k in keys}, key=float)
     fig, axs = plt.subplots(len(regimes), len(hards), figsize=(5.5 * len(hards), 4.2 * len(regimes)), squeeze=False)

@@ -61,14 +61,14 @@ def run_sweep(settings: dict, *, no_cache: bool = False) -> dict:
                 _say(f"sweep: {regime} hardness {h} seed {seed} ({time.perf_counter() - t0:.0f}s so far)")
                 world = prepare_world(s, cache_dir=s.get("cache_dir"), use_cache=not no_cache, progress=_say)
                 core = run_arms(world, s, out / f"{regime}-h{h}-s{seed}", seed=seed, steps=sw.get("steps"),
-                                arms=arms, quiet=True)  # fmt: skip
+                                arms=arms, quiet=True)
                 cell = {"regime": regime, "hardness": h, "seed": seed, "pretrain_accuracy": world.info["accuracy"],
-                        **core}  # fmt: skip
+                        **core}
                 cell["summary"] = summarize({"settings": s, **cell})
                 cells.append(cell)
                 _say("  " + "  ".join(f"{a}: bq {r['final']['boundary_quality']:.2f} fr "
                                       f"{r['final']['forget_refusal_rate']:.2f}"
-                                      for a, r in cell["summary"]["arms"].items()))  # fmt: skip
+                                      for a, r in cell["summary"]["arms"].items()))
     report = {"settings": settings, "cells": cells, "timing": {"total_wall_s": time.perf_counter() - t0}}
     report["summary"] = sweep_summary(report)
     paths = write_sweep_report(report, out)
@@ -127,10 +127,10 @@ def sweep_summary(report: dict) -> dict:
         rows.append([reg, h, arm, f"{st['area'][0]:.3f} ± {st['area'][1]:.3f}",
                      f"{st['bq'][0]:.3f} ± {st['bq'][1]:.3f}", f"{st['gain'][0]:+.3f} ± {st['gain'][1]:.3f}",
                      f"{st['fr'][0]:.2f} ± {st['fr'][1]:.2f}", f"{st['rq'][0]:.2f} ± {st['rq'][1]:.2f}",
-                     _steps_cell(st, "reach"), _steps_cell(st, "point"), str(st["n"])])  # fmt: skip
+                     _steps_cell(st, "reach"), _steps_cell(st, "point"), str(st["n"])])
     cols = ("regime", "hardness", "arm", "front area", "final boundary quality", "gain vs RULE (final)",
             "final forget refusal", "final retain quality", "steps to RULE's final BQ", "steps to RULE's final F&BQ",
-            "seeds")  # fmt: skip
+            "seeds")
     matched, mrows = {}, []
     for (reg, h), seeds in sorted(per_seed.items(), key=lambda kv: (kv[0][0], float(kv[0][1]))):
         lst = list(seeds.values())
@@ -142,9 +142,9 @@ def sweep_summary(report: dict) -> dict:
             lv = pr["levels"]
             mrows.append([reg, h, f"{arm} - {base}", dm.fmt_mse(pr["area"])]
                          + [dm.fmt_mse(lv[str(float(L))]["boundary_quality"]) for L in dm.LEVELS]
-                         + [dm.fmt_mse(lv[str(float(dm.LEVELS[-1]))]["retain_quality"])])  # fmt: skip
+                         + [dm.fmt_mse(lv[str(float(dm.LEVELS[-1]))]["retain_quality"])])
     mcols = (("regime", "hardness", "paired difference", "Δ front area")
-             + tuple(f"Δ BQ @ forget {L}" for L in dm.LEVELS) + (f"Δ RQ @ forget {dm.LEVELS[-1]}",))  # fmt: skip
+             + tuple(f"Δ BQ @ forget {L}" for L in dm.LEVELS) + (f"Δ RQ @ forget {dm.LEVELS[-1]}",))
     return {
         "stats": stats,
         "matched": matched,

@@ -48,7 +48,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None,
                    help="model folder (final/, a checkpoint step-N/), .gguf file, smollm2 or hub id "
-                        "(default with --config: its output_dir/final)")  # fmt: skip
+                        "(default with --config: its output_dir/final)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: --model)")
     p.add_argument("--config", default=None,
                    help="training config YAML (path or shipped name) whose task is scored")
@@ -56,10 +56,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="task.data_dir: local benchmark files (default: the hub)")
     p.add_argument("--forget", default=None,
                    help="task.forget: TOFU forget01|forget05|forget10 (default forget10); MUSE books|news "
-                        "(default books); custom: a hub dataset id")  # fmt: skip
+                        "(default books); custom: a hub dataset id")
     p.add_argument("--retain-log", default=None,
                    help="report of a retain (TOFU: Forget Quality, PrivLeak) or retrained (MUSE: PrivLeak) "
-                        "model from rerule eval")  # fmt: skip
+                        "model from rerule eval")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
     p.add_argument("--max-examples", type=int, default=None, help="first N items of every probe set")
     p.add_argument("--batch-size", type=int, default=8)
@@ -160,7 +160,7 @@ def run_eval(args: argparse.Namespace, extra: list[str] | None = None) -> dict[s
     metrics, samples = evaluate(
         model, tokenizer, task, batch_size=args.batch_size, max_examples=args.max_examples,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, return_samples=True, **extra,
-    )  # fmt: skip
+    )
     report = {
         "benchmark": args.benchmark,
         "task": task.name,

@@ -31,7 +31,7 @@ def probe_replies(
     model, tokenizer, probe: ProbeSet, records: list[ProbeRecord], *, batch_size: int,
     max_new_tokens: int | None = None, progress: bool = False, strip: bool = True,
     prompts: list[str] | None = None, stop_at_newline: bool | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Greedy replies to ``records``, stripped unless ``strip=False``.
 
     Prompts are ``probe.format(record)`` unless ``prompts`` are given; the length is ``max_new_tokens``
@@ -55,7 +55,7 @@ def score_probes(
     max_examples: int | None = None, max_new_tokens: int | None = None, progress: bool = False,
     skip_empty: bool = True, strip: bool = True, prompts: Callable[[str, list], list[str]] | None = None,
     stop_at_newline: bool | None = None,
-) -> tuple[dict, dict]:  # fmt: skip
+) -> tuple[dict, dict]:
     """The evaluators' probe -> generate -> score loop.
 
     For each ``name, probe`` of ``probes`` in order: its first ``max_examples`` records (a set left empty
@@ -74,7 +74,7 @@ def score_probes(
         replies = probe_replies(
             model, tokenizer, probe, recs, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
             strip=strip, prompts=None if prompts is None else prompts(name, recs), stop_at_newline=stop_at_newline,
-        )  # fmt: skip
+        )
         m, s = score(name, probe, recs, replies)
         metrics.update(m)
         samples.update(s)
@@ -84,10 +84,10 @@ def score_probes(
 def probe_min_k(
     model, tokenizer, probe: ProbeSet, records: list[ProbeRecord], *, batch_size: int, k: float = 0.4,
     max_length: int | None = 2048, progress: bool = False,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """[N] Min-K% Prob of each record's text (its ``answer``) after its formatted prompt."""
     lps = answer_logprobs(
         model, tokenizer, [probe.format(r) for r in records], [r.answer for r in records], batch_size,
         max_length=max_length, progress=progress, desc=probe.name,
-    )  # fmt: skip
+    )
     return np.array([min_k_prob(lp, k) if lp.size else np.nan for lp in lps], dtype=np.float64)

@@ -20,10 +20,10 @@ from rerule.eval.synthetic import KEYS, score_recall_refusal
 def evaluate_custom(
     model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
     max_new_tokens: int | None = None, progress: bool = False, return_samples: bool = False,
-):  # fmt: skip
+):
     """Score ``model`` on a custom task (keys in the module doc; a set the task lacks is left out)."""
     metrics, samples = score_probes(
         model, tokenizer, {n: task.probes[n] for n in KEYS if n in task.probes}, score_recall_refusal,
         batch_size=batch_size, max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress,
-    )  # fmt: skip
+    )
     return (metrics, samples) if return_samples else metrics

@@ -123,7 +123,7 @@ def truth_ratio(perturbed_prob, paraphrased_prob) -> np.ndarray:
         pert = np.exp(np.log(pert).mean(axis=1))
     if pert.ndim != 1 or para.shape != pert.shape:
         raise ValueError(f"truth_ratio: perturbed_prob [N] or [N, K] and paraphrased_prob [N], got "
-                         f"{np.shape(perturbed_prob)} and {np.shape(paraphrased_prob)}")  # fmt: skip
+                         f"{np.shape(perturbed_prob)} and {np.shape(paraphrased_prob)}")
     if np.any(pert <= 0) or np.any(para <= 0):
         raise ValueError("truth_ratio: probabilities must be > 0")
     return pert / para

@@ -58,7 +58,7 @@ def evaluate_muse(
     model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
     max_new_tokens: int | None = None, reference_auc: float | None = None, k: float = 0.4,
     max_length: int | None = 2048, progress: bool = False, return_samples: bool = False,
-):  # fmt: skip
+):
     """Score ``model`` on a MUSE task (keys in the module doc).
 
     Returns:
@@ -79,14 +79,14 @@ def evaluate_muse(
         model, tokenizer, {n: task.probes[n] for n in ("knowmem_forget", "knowmem_retain", "verbmem_forget")}, score,
         batch_size=batch_size, max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress,
         skip_empty=False, strip=False,  # MUSE cuts the raw reply (a leading "\n\n" empties it)
-    )  # fmt: skip
+    )
     scores = {}
     for split in ("forget", "holdout"):
         probe = task.probes[f"privleak_{split}"]
         scores[split] = probe_min_k(
             model, tokenizer, probe, limit(probe.records, max_examples), batch_size=batch_size, k=k,
             max_length=max_length, progress=progress,
-        )  # fmt: skip
+        )
         samples[f"privleak_{split}_min_k"] = scores[split].tolist()
     ref = default_reference_auc(task.name) if reference_auc is None else float(reference_auc)
     metrics["privleak_auc"] = mia_auc(scores["forget"], scores["holdout"])

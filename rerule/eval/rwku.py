@@ -59,13 +59,13 @@ def rwku_prompts(tokenizer, probe_name: str, records, chat_template: bool | None
     for r in records:
         user, answer_cue = rwku_user_text(probe_name, r)
         text = (tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                              add_generation_prompt=True) if use else user)  # fmt: skip
+                                              add_generation_prompt=True) if use else user)
         out.append(text + ("Answer:" if answer_cue else ""))
     return out
 
 
 def mia_statistics(model, tokenizer, probe, records, *, batch_size: int = 8, k: float = MIA_K,
-                   max_length: int | None = 2048, progress: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+                   max_length: int | None = 2048, progress: bool = False) -> dict[str, np.ndarray]:
     """Per-text ``loss`` (mean token log-likelihood), ``zlib`` and ``min_k_pp`` scores, [N] each.
 
     A text with no scored token (cut by ``max_length``) gives NaN, and is left out of the means (RWKU
@@ -74,7 +74,7 @@ def mia_statistics(model, tokenizer, probe, records, *, batch_size: int = 8, k: 
     rows = answer_logprobs(
         model, tokenizer, [probe.format(r) for r in records], [r.answer for r in records], batch_size,
         max_length=max_length, details=True, progress=progress, desc=probe.name,
-    )  # fmt: skip
+    )
     out = {"loss": [], "zlib": [], "min_k_pp": []}
     for r, row in zip(records, rows):
         if row["logprob"].size == 0:
@@ -92,7 +92,7 @@ def evaluate_rwku(
     model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
     max_new_tokens: int | None = None, k: float = MIA_K, max_length: int | None = 2048,
     chat_template: bool | None = None, progress: bool = False, return_samples: bool = False,
-):  # fmt: skip
+):
     """Score ``model`` on an RWKU task (keys in the module doc).
 
     Args:
@@ -110,12 +110,12 @@ def evaluate_rwku(
         model, tokenizer, {name: task.probes[name] for name in PROBE_CONFIGS}, score, batch_size=batch_size,
         max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress, stop_at_newline=True,
         prompts=lambda name, recs: rwku_prompts(tokenizer, name, recs, chat_template),
-    )  # fmt: skip
+    )
     for name in ("mia_forget", "mia_retain"):
         probe = task.probes[name]
         recs = limit(probe.records, max_examples)
         stats = mia_statistics(model, tokenizer, probe, recs, batch_size=batch_size, k=k, max_length=max_length,
-                               progress=progress)  # fmt: skip
+                               progress=progress)
         for key, values in stats.items():
             ok = values[~np.isnan(values)]
             metrics[f"{name}_{key}"] = float(ok.mean()) if ok.size else float("nan")

@@ -36,7 +36,7 @@ def score_recall_refusal(name, probe, recs, replies) -> tuple[dict, dict]:
 def evaluate_synthetic(
     model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
     max_new_tokens: int | None = None, progress: bool = False, return_samples: bool = False,
-):  # fmt: skip
+):
     """Score ``model`` on a synthetic task (keys in the module doc).
 
     Returns:
@@ -46,5 +46,5 @@ def evaluate_synthetic(
     metrics, samples = score_probes(
         model, tokenizer, {name: task.probes[name] for name in KEYS}, score_recall_refusal, batch_size=batch_size,
         max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress,
-    )  # fmt: skip
+    )
     return (metrics, samples) if return_samples else metrics

@@ -69,7 +69,7 @@ def _probabilities(
     all_lp = mean_logprob(
         model, tokenizer, prompts * 2 + flat_prompts, [r.answer for r in recs] + bases + flat_answers,
         batch_size, append_eos=True, progress=progress, desc=f"{probe.name} likelihood",
-    )  # fmt: skip
+    )
     n = len(recs)
     p_answer, p_base = np.exp(all_lp[:n]), np.exp(all_lp[n : 2 * n])
     p_pert: list[list[float]] = [[] for _ in recs]
@@ -82,7 +82,7 @@ def evaluate_tofu(
     model, tokenizer, task: UnlearningTask, *, batch_size: int = 8, max_examples: int | None = None,
     max_new_tokens: int | None = None, retain_truth_ratios=None, reference_auc: float | None = None,
     progress: bool = False, return_samples: bool = False,
-):  # fmt: skip
+):
     """Score ``model`` on a TOFU task (keys in the module doc).
 
     Args:
@@ -111,7 +111,7 @@ def evaluate_tofu(
     metrics, samples = score_probes(
         model, tokenizer, {name: task.probes[name] for name in SETS}, score, batch_size=batch_size,
         max_examples=max_examples, max_new_tokens=max_new_tokens, progress=progress, skip_empty=False,
-    )  # fmt: skip
+    )
     metrics["model_utility"] = model_utility({k: v for k, v in metrics.items() if not k.startswith("forget")})
     if retain_truth_ratios is not None:
         metrics["forget_quality"] = forget_quality(samples["forget_truth_ratios"], retain_truth_ratios)
@@ -121,7 +121,7 @@ def evaluate_tofu(
     f_rows = answer_logprobs(
         model, tokenizer, [forget.format(r) for r in f_recs], [r.answer for r in f_recs], batch_size,
         append_eos=True, details=True, progress=progress, desc="forget extraction",
-    )  # fmt: skip
+    )
     es = [extraction_strength(row["argmax"], row["target"]) for row in f_rows if row["target"].size]
     metrics["forget_extraction_strength"] = float(np.mean(es)) if es else float("nan")
     samples["forget_extraction_strength"] = es
@@ -131,7 +131,7 @@ def evaluate_tofu(
         h_lps = answer_logprobs(
             model, tokenizer, [holdout.format(r) for r in h_recs], [r.answer for r in h_recs], batch_size,
             append_eos=True, progress=progress, desc="holdout likelihood",
-        )  # fmt: skip
+        )
         f_score = [min_k_prob(row["logprob"], PRIVLEAK_K) for row in f_rows if row["logprob"].size]
         h_score = [min_k_prob(lp, PRIVLEAK_K) for lp in h_lps if lp.size]
         ref = REFERENCE_AUC if reference_auc is None else float(reference_auc)

@@ -254,7 +254,7 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
         mode = self.args.replay_advantages
         rw = replay_weights(rewards, cur, mu, rep["completion_mask"], G, self.args.replay_is_cap, mode,
                             scale="none" if self.scale_rewards == "none" else "group",
-                            stored=torch.cat([g.advantages for g in groups]))  # fmt: skip
+                            stored=torch.cat([g.advantages for g in groups]))
         rep["advantages"] = rw.advantages.to(device, out["advantages"].dtype)
         metrics = self._metrics["train"]
         metrics["replay/ess"].append(float(rw.ess.mean()))
@@ -349,7 +349,7 @@ class ReplayGRPOTrainer(FusedGRPOTrainer):
                     behavior_logps=part["behavior_per_token_logps"],
                     # consistent: w carries the row weight G * p_i <= G, which must not be truncated again
                     is_cap=(float(self.num_generations) if self.args.replay_advantages == "consistent"
-                            else self.args.replay_is_cap),  # fmt: skip
+                            else self.args.replay_is_cap),
                     num_items=part["replay_num_items"],
                 )
 

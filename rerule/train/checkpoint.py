@@ -75,7 +75,7 @@ def check_writable(path: str | Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"output_dir {str(path)!r} is not writable ({e.strerror or e}): choose another "
-                         f"--output_dir or fix its permissions") from None  # fmt: skip
+                         f"--output_dir or fix its permissions") from None
 
 
 def _sha256(path: Path) -> str:
@@ -238,7 +238,7 @@ def latest_checkpoint(root: str | Path, verify: bool = True) -> Path | None:
     if not root.is_dir():
         return None
     candidates = sorted((int(m.group(1)), d) for d in root.iterdir()
-                        if d.is_dir() and (m := STEP_DIR.match(d.name)))  # fmt: skip
+                        if d.is_dir() and (m := STEP_DIR.match(d.name)))
     pointer = root / "latest"
     if pointer.is_file():
         try:
@@ -247,11 +247,11 @@ def latest_checkpoint(root: str | Path, verify: bool = True) -> Path | None:
             name = None
         if not name or not STEP_DIR.match(name) or not (root / name).is_dir():
             log.warning("checkpoint pointer %s names no checkpoint (%r): using the newest intact one instead",
-                        pointer, (name or "")[:60])  # fmt: skip
+                        pointer, (name or "")[:60])
         elif candidates and (root / name) != candidates[-1][1]:
             # Normally the pointer names the newest; trust the directory scan, but say so.
             log.warning("checkpoint pointer %s names %s, not the newest directory %s", pointer, name,
-                        candidates[-1][1].name)  # fmt: skip
+                        candidates[-1][1].name)
     elif candidates:
         log.warning("checkpoint pointer %s is missing: using the newest intact checkpoint", pointer)
     skipped = []
@@ -260,7 +260,7 @@ def latest_checkpoint(root: str | Path, verify: bool = True) -> Path | None:
         if why is None:
             if skipped:
                 log.warning("skipped %d damaged checkpoint(s): %s; resuming from %s", len(skipped),
-                            "; ".join(skipped), d.name)  # fmt: skip
+                            "; ".join(skipped), d.name)
             return d
         skipped.append(why)
         log.warning("checkpoint %s is not usable: %s", d.name, why)
@@ -304,5 +304,5 @@ def load_checkpoint(path: str | Path, map_location="cpu", verify: bool = True) -
             raise
         except Exception as e:  # a torch / zip / pickle error on a damaged file
             raise CheckpointError(f"checkpoint file {path / part}.* cannot be read: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e  # fmt: skip
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return out

@@ -95,7 +95,7 @@ class TrainConfig:
         _choice("tensorboard", self.tensorboard, ("auto", "on", "off"))
         P = self.rollout.prompts_per_step
         for name, n in (("optim.micro_batch_groups", self.optim.micro_batch_groups),
-                        ("generation_batch_groups", self.rollout.generation_batch_groups)):  # fmt: skip
+                        ("generation_batch_groups", self.rollout.generation_batch_groups)):
             _check(n is None or P % n == 0, "rollout.prompts_per_step", f"({P}) must divide by {name} ({n})")
 
     @classmethod

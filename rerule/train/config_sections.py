@@ -61,7 +61,7 @@ class TinyModelConfig:
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "max_position_embeddings", "bpe_vocab_size"):  # fmt: skip
+                     "max_position_embeddings", "bpe_vocab_size"):
             _int(f"model.tiny.{name}", getattr(self, name), 1)
         _check(self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "must divide by num_heads")
         _check(self.num_heads % self.num_kv_heads == 0, "model.tiny.num_heads", "must divide by num_kv_heads")
@@ -90,10 +90,10 @@ class ModelConfig:
     tokenizer: str | None = _help("tokenizer id/path (default: name_or_path; tiny: tiny.tokenizer)", None)
     tiny: TinyModelConfig = _help("shape of the tiny Llama (name_or_path: tiny)", factory=TinyModelConfig)
     dtype: str = _help("parameters: auto (fp32 master weights; bf16 base under LoRA on CUDA), float32, "
-                       "bfloat16, float16", "auto")  # fmt: skip
+                       "bfloat16, float16", "auto")
     autocast: str = _help("autocast: auto (bf16 on CUDA, off on CPU), bfloat16, float16, none", "auto")
     attn_implementation: str = _help("auto (flash_attention_2 when installed and usable, else sdpa), sdpa, "
-                                     "eager, flash_attention_2", "auto")  # fmt: skip
+                                     "eager, flash_attention_2", "auto")
     liger: str = _help("Liger's RMSNorm/SwiGLU/RoPE kernels on CUDA: auto (if installed), on, off", "auto")
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
     trust_remote_code: bool = _help("passed to from_pretrained", False)
@@ -145,7 +145,7 @@ class RolloutConfig:
     def __post_init__(self):
         if not (isinstance(self.group_size, int) and self.group_size >= 2):
             raise ValueError(f"config: rollout.group_size must be an int >= 2 (a group of one has zero "
-                             f"advantage), got {self.group_size!r}")  # fmt: skip
+                             f"advantage), got {self.group_size!r}")
         _int("rollout.prompts_per_step", self.prompts_per_step, 1)
         _positive("rollout.temperature", self.temperature)
         _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p!r}")
@@ -158,7 +158,7 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     variant: str = _help(f"auto (by task: rwku two_stage_target, else two_stage) or a RULE variant "
-                         f"(docs/benchmarks.md), one of {REWARD_VARIANTS[1:]}", "auto")  # fmt: skip
+                         f"(docs/benchmarks.md), one of {REWARD_VARIANTS[1:]}", "auto")
     rouge_threshold: float | None = _help("ROUGE-L recall threshold (None: the variant's, 0.3 or 0.5)", None)
 
     def __post_init__(self):
@@ -209,7 +209,7 @@ class LossConfig:
         try:
             LossOptions(epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
                         dual_clip=self.dual_clip, loss_type=self.loss_type,
-                        importance_sampling_level=self.importance_sampling_level)  # fmt: skip
+                        importance_sampling_level=self.importance_sampling_level)
         except (TypeError, ValueError) as e:
             raise ValueError(f"config: loss: {e}") from None
 
@@ -270,7 +270,7 @@ class ReplayConfig:
 @dataclass
 class SamplingConfig:
     mode: str = _help("prompt sampling: uniform, or prioritized toward prompts whose last group scored low "
-                      "(an on-policy curriculum, independent of replay)", "uniform")  # fmt: skip
+                      "(an on-policy curriculum, independent of replay)", "uniform")
     floor: float = _help("prioritized: weight = (floor + 1 - last group mean)^alpha (rewards in [0, 1])", 0.1)
     alpha: float = _help("prioritized: sharpness of the weights", 1.0)
 
@@ -306,10 +306,10 @@ class DistributedConfig:
     single process. ``rollout.prompts_per_step`` is per rank: the global batch is world_size times it."""
 
     strategy: str = _help("auto (fsdp when accelerate launched with an FSDP config, else ddp), ddp, fsdp",
-                          "auto")  # fmt: skip
+                          "auto")
     share_group_means: bool = _help("every rank sees all ranks' fresh group means: the quantile admission "
                                     "threshold, solved-prompt eviction and prioritized prompt sampling act "
-                                    "on the global batch, as in one process", True)  # fmt: skip
+                                    "on the global batch, as in one process", True)
     timeout_s: int = _help("collective timeout in seconds (a rank that stops answering fails the run)", 1800)
 
     def __post_init__(self):

@@ -174,7 +174,7 @@ class Dist:
         """This step's rollout rows from every rank, in rank order."""
         parts = self.gather((rewards.cpu(), list(is_forget), list(refusals), lengths.cpu()))
         return (torch.cat([p[0] for p in parts]), [x for p in parts for x in p[1]],
-                [x for p in parts for x in p[2]], torch.cat([p[3] for p in parts]))  # fmt: skip
+                [x for p in parts for x in p[2]], torch.cat([p[3] for p in parts]))
 
     def reduce_counts(self, counts: dict) -> dict:
         return dict(zip(counts, (int(round(v)) for v in self.all_sum(list(counts.values())))))
@@ -186,7 +186,7 @@ class Dist:
         ess = stats["buffer_ess_ema"]
         has_ess = ess == ess
         s = self.all_sum([n, stats["buffer_forget"], stats["buffer_boundary"], n * mean if n else 0.0,
-                          stats["buffer_threshold"], ess if has_ess else 0.0, float(has_ess)])  # fmt: skip
+                          stats["buffer_threshold"], ess if has_ess else 0.0, float(has_ess)])
         return {
             "buffer_size": int(s[0]),
             "buffer_forget": int(s[1]),
@@ -218,7 +218,7 @@ class Dist:
         blocks = [m for m in model.modules() if type(m).__name__ in set(names)]
         if not blocks:
             raise ValueError(f"FSDP: no module of the classes {names} to shard (set the model's "
-                             "_no_split_modules or fsdp_transformer_layer_cls_to_wrap)")  # fmt: skip
+                             "_no_split_modules or fsdp_transformer_layer_cls_to_wrap)")
         for m in blocks:
             fully_shard(m, **kw)
         fully_shard(model, **kw)
@@ -333,7 +333,7 @@ class Dist:
         shard.update(rank=self.rank, world_size=self.world_size)
         state.update(world_size=self.world_size, strategy=self.strategy)
         parts = {"model": self.model_state(model), "optimizer": self.optimizer_state(model, optimizer),
-                 "state": state}  # fmt: skip
+                 "state": state}
         return self.save_checkpoint(root, step, parts, shard, keep)
 
     def load_training(self, model, optimizer, path: Path, parts: dict) -> None:
@@ -371,7 +371,7 @@ class Dist:
         strategy = state.get("strategy", "none")
         if saved > 1 and strategy != self.strategy:
             raise ValueError(f"cannot resume from {path}: it was written under distributed.strategy="
-                             f"{strategy} and this run uses {self.strategy}")  # fmt: skip
+                             f"{strategy} and this run uses {self.strategy}")
         return Path(path)
 
 
@@ -430,7 +430,7 @@ def setup(cfg, device: str = "auto") -> Dist:
     comm = torch.device("cpu") if cpu else torch.device("cuda", state.local_process_index)
     dist = Dist(world_size=world, rank=state.process_index, local_rank=state.local_process_index,
                 strategy=strategy, comm_device=comm,
-                fsdp=_fsdp_from_accelerate() if strategy == "fsdp" and use_fsdp else {})  # fmt: skip
+                fsdp=_fsdp_from_accelerate() if strategy == "fsdp" and use_fsdp else {})
     if not dist.is_main:
         # One copy of the run's log lines: rank 0's (the others still warn).
         logging.getLogger("rerule").setLevel(logging.WARNING)

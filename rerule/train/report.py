@@ -76,7 +76,7 @@ def summary(rows: list[dict]) -> str:
     for r in rows:
         keys += [k for k in r if k not in keys and k != "step" and _series(rows, k)[0]]
     lines = [f"# run summary ({len(rows)} steps logged, last step {rows[-1]['step']})", "",
-             "| metric | first | last | min | max |", "|---|---|---|---|---|"]  # fmt: skip
+             "| metric | first | last | min | max |", "|---|---|---|---|---|"]
     for k in keys:
         _, ys = _series(rows, k)
         lines.append(f"| {k} | {ys[0]:.4g} | {ys[-1]:.4g} | {min(ys):.4g} | {max(ys):.4g} |")

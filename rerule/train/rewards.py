@@ -236,7 +236,7 @@ class RuleReward:
 
     def __repr__(self) -> str:
         return (f"RuleReward(variant={self.variant!r}, rouge_threshold={self.rouge_threshold}, "
-                f"detector={self.detector!r})")  # fmt: skip
+                f"detector={self.detector!r})")
 
 
 def _subject(record) -> str:

@@ -176,7 +176,7 @@ def generate(
     eos = eos_token_ids(model, tokenizer)
     gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, use_cache=True,
                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=eos, num_return_sequences=group_size)  # fmt: skip
+                               eos_token_id=eos, num_return_sequences=group_size)
     inner = base_model(model)
     saved_cfg, was_training = inner.generation_config, model.training
     inner.generation_config = gen_cfg
@@ -200,7 +200,7 @@ def generate(
     pad = tokenizer.pad_token_id
     prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(group_size)], pad)
     batch = SeqBatch(prompt_ids.to(device), prompt_mask.to(device), right_pad(comps, pad),
-                     right_pad(masks, 0))  # fmt: skip
+                     right_pad(masks, 0))
     kept = [c[m.bool()] for c, m in zip(batch.completion_ids, batch.completion_mask)]
     return batch, tokenizer.batch_decode(kept, skip_special_tokens=True)
 

@@ -94,7 +94,7 @@ class RunFiles:
             self.tokenizer.save_pretrained(directory)
 
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, parts, keep=self.config.keep_checkpoints,
-                                    write_weights=write_weights)  # fmt: skip
+                                    write_weights=write_weights)
 
     def _load(self, path: Path) -> None:
         parts = ckpt.load_checkpoint(path, map_location="cpu")
@@ -109,7 +109,7 @@ class RunFiles:
         ref_file = self.out_dir / "reference.pt"
         if warm and self.reference is not None and not self.dist.fsdp_on and not ref_file.is_file():
             raise ckpt.CheckpointError(f"{ref_file} is missing: the run was warm-started, so its KL reference "
-                                       f"cannot be rebuilt from the initial model")  # fmt: skip
+                                       f"cannot be rebuilt from the initial model")
         saved = TrainConfig.from_dict(s["config"]).to_dict()
         changed = [
             k

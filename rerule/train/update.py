@@ -69,7 +69,7 @@ UPDATE_METRICS = (
     "loss_on", "loss_replay", "kl", "replay_kl", "clip_ratio_low", "clip_ratio_high", "replay_clip_ratio_low",
     "replay_clip_ratio_high", "is_weight_mean", "is_weight_max", "is_ess", "is_truncated_frac", "replay_ess",
     "replay_adv_sum_forget", "replay_adv_sum_boundary",
-)  # fmt: skip
+)
 
 
 def recompute_advantages(
@@ -250,7 +250,7 @@ class PolicyUpdate:
 
     def __init__(self, model, loss_kwargs: dict, loss_impl: str, kernel_impl: str, amp_dtype,
                  rows_per_micro: int | None, cap: float, lam: float, advantages: str = "consistent",
-                 dist=None, forward=None, replay_normalize: str = "batch", scale: str = "group"):  # fmt: skip
+                 dist=None, forward=None, replay_normalize: str = "batch", scale: str = "group"):
         self.model, self.kw, self.loss_impl = model, dict(loss_kwargs), loss_impl
         self.kernel_impl = kernel_impl
         self.amp, self.rows_per_micro, self.cap, self.lam = amp_dtype, rows_per_micro, cap, lam
@@ -277,14 +277,14 @@ class PolicyUpdate:
         temperature = self.kw["temperature"]
         if self.loss_impl == "logits":
             return token_logps(feats.detach(), mb.completion_ids, mb.completion_mask, temperature=temperature,
-                               impl=self.kernel_impl)[0]  # fmt: skip
+                               impl=self.kernel_impl)[0]
         weight, bias = lm_head(self.model)
         hidden = feats.detach().to(weight.dtype)
         return logps_from_hidden(hidden, weight, bias, mb, temperature, self.kernel_impl)
 
     def _loss(self, feats, mb: SeqBatch, adv, behavior, ref, num_items, cap):
         kw = dict(self.kw, is_cap=cap, impl=self.kernel_impl, behavior_logps=behavior,
-                  ref_logps=ref if self.kw["beta"] > 0 else None)  # fmt: skip
+                  ref_logps=ref if self.kw["beta"] > 0 else None)
         if kw["loss_type"] == "dapo":
             kw["num_items_in_batch"] = num_items
         if self.loss_impl == "logits":
@@ -294,10 +294,10 @@ class PolicyUpdate:
         dtype = self.amp or weight.dtype
         bias = None if bias is None else bias.to(dtype)
         return self._fused(feats.to(dtype), weight.to(dtype), mb.completion_ids, mb.completion_mask, adv,
-                           bias=bias, **kw)  # fmt: skip
+                           bias=bias, **kw)
 
     def _part_loss(self, feats, mb: SeqBatch, s: UpdateSet, rows: slice, weight: float, replay: bool,
-                   total_rows: float, total_tokens: float, stats: UpdateStats, logps: torch.Tensor):  # fmt: skip
+                   total_rows: float, total_tokens: float, stats: UpdateStats, logps: torch.Tensor):
         """Loss of one set's rows ``rows`` inside the micro-batch ``mb`` (``feats`` already sliced);
         returns the scaled loss and writes the pre-update logps and the advantages used."""
         t = mb.completion_ids.shape[1]
@@ -309,7 +309,7 @@ class PolicyUpdate:
         if replay:
             cur = self._current_logps(feats, mb)
             rw = replay_weights(s.rewards[rows], cur, behavior, mb.completion_mask, s.group_size, self.cap,
-                                self.adv_mode, self.scale, stored=adv)  # fmt: skip
+                                self.adv_mode, self.scale, stored=adv)
             adv = rw.advantages.float()
             if self.adv_mode == "consistent":
                 # Row weight G * p_i through the behavior channel: w = exp(old - behavior) = G * p_i.
@@ -345,7 +345,7 @@ class PolicyUpdate:
         if self.dist is not None:
             # Global rows / tokens per set over W; a rank without replayed rows this step adds zeros.
             rows_total, totals = self.dist.per_rank_totals(rows_total + [0] * (2 - len(sets)),
-                                                           totals + [0.0] * (2 - len(sets)))  # fmt: skip
+                                                           totals + [0.0] * (2 - len(sets)))
             with_replay = self.lam > 0 and rows_total[1] > 0
         if with_replay and self.replay_normalize == "batch":
             # One normalizer over fresh + replayed rows: L = (sum_on + lambda * sum_replay) / N_all, so
@@ -381,7 +381,7 @@ class PolicyUpdate:
                     rows = slice(a - starts[k], b - starts[k])
                     x = feats[a - i : b - i]
                     loss = loss + self._part_loss(x, part, s, rows, weight, replay, rows_total[k], totals[k],
-                                                  stats, logps[k])  # fmt: skip
+                                                  stats, logps[k])
                 loss.backward()
         if self.dist is not None:
             self.dist.reduce_update(stats)

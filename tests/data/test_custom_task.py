@@ -70,7 +70,7 @@ def test_datasets_folder(tmp_path):
     import datasets
 
     dd = datasets.DatasetDict({"forget": datasets.Dataset.from_list(FORGET),
-                               "retain": datasets.Dataset.from_list(RETAIN[:2])})  # fmt: skip
+                               "retain": datasets.Dataset.from_list(RETAIN[:2])})
     dd.save_to_disk(str(tmp_path / "dd"))
     task = load_task("custom", data_dir=tmp_path / "dd")
     assert len(task.forget) == 2 and len(task.boundary) == 1 and len(task.retain) == 1
@@ -130,16 +130,16 @@ def test_train_then_eval_a_custom_task(tmp_path, capsys):
     argv = ["train", "--config", "smoke", *common, "--output_dir", str(out), "--steps", "2", "--eval_every", "1",
             "--warm_start.epochs", "1", "--rollout.prompts_per_step", "2", "--rollout.max_new_tokens", "4",
             "--rollout.group_size", "2", "--progress", "off", "--tensorboard", "off",
-            "--eval-max-examples", "2"]  # fmt: skip
+            "--eval-max-examples", "2"]
     assert cli.main(argv) == 0
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"eval/forget_refusal_rate", "eval/boundary_quality", "eval/retain_quality"} <= set(rows[0])
     assert (out / "report" / "reward.png").is_file() and (out / "report" / "summary.md").is_file()
     report = tmp_path / "eval.json"
     argv = ["eval", "--config", "smoke", *common, "--model", str(out / "checkpoints" / "step-000002"),
-            "--out", str(report), "--max-new-tokens", "4", "--max-examples", "2", "--no-progress"]  # fmt: skip
+            "--out", str(report), "--max-new-tokens", "4", "--max-examples", "2", "--no-progress"]
     assert cli.main(argv) == 0
     metrics = json.loads(report.read_text())["metrics"]
     assert set(metrics) == {"forget_leak", "forget_refusal_rate", "boundary_quality", "boundary_over_refusal",
-                            "retain_quality", "retain_refusal_rate"}  # fmt: skip
+                            "retain_quality", "retain_refusal_rate"}
     assert json.loads(report.read_text())["task"] == "custom/data"

@@ -60,7 +60,7 @@ def test_structure_and_sizes():
         assert all(f["attrs"][k] != b["attrs"][k] for k in ("year", "work", "award", "mentor"))
     assert task.probes["forget"].metrics[0] == "refusal_rate"
     assert load_task("synthetic", seed=0, hardness=0.8, n_forget=3, n_boundary=5, n_retain=2,
-                     n_attributes=4, n_templates=2).forget == task.forget  # fmt: skip
+                     n_attributes=4, n_templates=2).forget == task.forget
 
 
 def test_hardness_zero_shares_nothing():

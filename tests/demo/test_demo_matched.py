@@ -11,7 +11,7 @@ from rerule.demo import matched as dm
 
 def traj(*pts):
     return [{"step": 5 * i, "forget_refusal_rate": f, "boundary_quality": b, "retain_quality": r}
-            for i, (f, b, r) in enumerate(pts)]  # fmt: skip
+            for i, (f, b, r) in enumerate(pts)]
 
 
 def test_operating_point_interpolates_the_crossing_and_takes_the_best_point_above():

@@ -252,7 +252,7 @@ def test_replay_verdict_names_collapsed_weights_and_stale_groups():
 def test_replay_verdict_without_a_fault_says_what_was_replayed():
     report = fake_report()
     report["arms"]["ReRULE"] = _fake_arm([0.6, 0.3, 0.4], [0.2, 0.9, 0.99], replay_groups=2, w=1.0, ess=0.9,
-                                         buffer=4, stage_from=1)  # fmt: skip
+                                         buffer=4, stage_from=1)
     for m in report["arms"]["ReRULE"]["history"]:
         m["grad_norm"], m["replay_forget_groups"] = 0.6, 2 if m["replay_groups"] else 0
         m["buffer_age_mean"] = 1.0

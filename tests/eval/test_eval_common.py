@@ -21,7 +21,7 @@ def calls(monkeypatch):
 
     def fake(model, tokenizer, prompts, max_new_tokens, batch_size, *, stop_at_newline, progress, desc):
         seen.append(dict(prompts=list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         stop_at_newline=stop_at_newline, desc=desc))  # fmt: skip
+                         stop_at_newline=stop_at_newline, desc=desc))
         return [f"  {p}  " for p in prompts]
 
     monkeypatch.setattr("rerule.eval.common.generate_greedy", fake)
@@ -39,7 +39,7 @@ def test_score_probes_loops_limits_and_merges_in_order(calls):
     assert s["b_replies"] == ["Q: q0\nA:", "Q: q1\nA:"]  # stripped
     assert [c["desc"] for c in calls] == ["b", "a"]
     assert calls[0] == dict(prompts=["Q: q0\nA:", "Q: q1\nA:"], max_new_tokens=7, batch_size=4,
-                            stop_at_newline=True, desc="b")  # fmt: skip
+                            stop_at_newline=True, desc="b")
     assert calls[1]["stop_at_newline"] is False
 
 
@@ -48,7 +48,7 @@ def test_score_probes_options(calls):
     m, s = score_probes(
         None, None, probes, _score, batch_size=1, max_new_tokens=3, strip=False, skip_empty=False,
         stop_at_newline=True, prompts=lambda name, recs: [f"{name}:{r.prompt}" for r in recs],
-    )  # fmt: skip
+    )
     assert m == {"x_n": 2, "empty_n": 0}
     assert s["x_replies"] == ["  x:q0  ", "  x:q1  "]  # not stripped, prompts from the callable
     assert [(c["max_new_tokens"], c["stop_at_newline"]) for c in calls] == [(3, True), (3, True)]

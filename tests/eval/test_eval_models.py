@@ -39,7 +39,7 @@ def _tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator([text], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -58,7 +58,7 @@ def llama(tok):
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+    )
     return LlamaForCausalLM(cfg).double().eval()
 
 
@@ -119,7 +119,7 @@ def test_answer_logprobs_end_of_sequence_and_details_on_a_bigram(tok):
         mu = [float(np.exp(d) @ d) for d in dist]
         np.testing.assert_allclose(row["mu"], mu, rtol=1e-10)
         np.testing.assert_allclose(row["sigma2"], [float(np.exp(d) @ d**2) - m**2 for d, m in zip(dist, mu)],
-                                   rtol=1e-8, atol=1e-10)  # fmt: skip
+                                   rtol=1e-8, atol=1e-10)
         np.testing.assert_array_equal(row["argmax"], [int(np.argmax(d)) for d in dist])
     # TOFU's probability exp(mean) now averages over the EOS token too.
     np.testing.assert_allclose(
@@ -210,7 +210,7 @@ def test_evaluate_synthetic_wiring(monkeypatch):
             "boundary_over_refusal": 0.25,
             "retain_quality": 0.0,
             "retain_refusal_rate": 0.0,
-        }  # fmt: skip
+        }
     )
 
 
@@ -273,7 +273,7 @@ def _args(*argv):
 def test_rerule_eval_tofu_report_serves_as_retain_log(saved, tmp_path, capsys):
     common = ["--model", str(saved), "--benchmark", "tofu", "--data-dir", str(FIXTURES / "tofu"),
               "--config", "forget01", "--max-examples", "3", "--max-new-tokens", "3",
-              "--no-progress"]  # fmt: skip
+              "--no-progress"]
     first = tmp_path / "retain.json"
     report = run_eval(_args(*common, "--out", str(first)))
     on_disk = json.loads(first.read_text())
@@ -293,23 +293,23 @@ def test_rerule_eval_tofu_report_serves_as_retain_log(saved, tmp_path, capsys):
 def test_rerule_eval_muse_rwku_synthetic(saved, tmp_path):
     base = ["--model", str(saved), "--max-examples", "2", "--max-new-tokens", "3", "--no-progress"]
     muse = run_eval(_args(*base, "--benchmark", "muse", "--data-dir", str(FIXTURES / "muse_books"),
-                          "--out", str(tmp_path / "muse.json")))  # fmt: skip
+                          "--out", str(tmp_path / "muse.json")))
     m = muse["metrics"]
     assert set(m) >= {"knowmem_forget_rouge_l_f1", "verbmem_forget_rouge_l_f1", "privleak_auc", "privleak"}
     assert m["privleak_reference_auc"] == 0.5393  # MUSE's published Books reference without --retain-log
     ref = run_eval(_args(*base, "--benchmark", "muse", "--data-dir", str(FIXTURES / "muse_books"),
                          "--retain-log", str(tmp_path / "muse.json"),
-                         "--out", str(tmp_path / "m2.json")))  # fmt: skip
+                         "--out", str(tmp_path / "m2.json")))
     assert ref["metrics"]["privleak_reference_auc"] == pytest.approx(m["privleak_auc"])
     assert ref["metrics"]["privleak"] == pytest.approx(0.0)
     rwku = run_eval(_args(*base, "--benchmark", "rwku", "--data-dir", str(FIXTURES / "rwku"),
-                          "--out", str(tmp_path / "rwku.json")))  # fmt: skip
+                          "--out", str(tmp_path / "rwku.json")))
     assert set(rwku["metrics"]) >= {
         "forget_level3_rouge_l_recall",
         "neighbor_level1_rouge_l_recall",
         "mia_forget_loss", "mia_forget_zlib", "mia_forget_min_k_pp",
         "mia_retain_loss", "mia_retain_zlib", "mia_retain_min_k_pp",
-    }  # fmt: skip
+    }
     assert "mia_auc" not in rwku["metrics"]  # RWKU reports per-set means, no AUC
     syn = run_eval(
         _args(*base, "--benchmark", "synthetic", "--hardness", "0.3", "--out", str(tmp_path / "s.json"))
@@ -317,7 +317,7 @@ def test_rerule_eval_muse_rwku_synthetic(saved, tmp_path):
     assert set(syn["metrics"]) == {
         "forget_leak", "forget_refusal_rate", "boundary_quality",
         "boundary_over_refusal", "retain_quality", "retain_refusal_rate",
-    }  # fmt: skip
+    }
     assert syn["args"]["hardness"] == 0.3
     with pytest.raises(ValueError, match="--retain-log is used by tofu and muse"):
         run_eval(_args(*base, "--benchmark", "synthetic", "--retain-log", str(tmp_path / "s.json")))

@@ -413,7 +413,7 @@ def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_
     default use_bias_correction_kl=True) old is off the current policy, and the replayed rows' KL is
     k3 x exp(logp - old), not weighted by w."""
     args = config(output_dir=str(tmp_path), loss_type="grpo", beta=beta, replay_weight=0.7, replay_is_cap=1.5,
-                  replay_advantages=mode)  # fmt: skip
+                  replay_advantages=mode)
     tr = ReplayGRPOTrainer(
         model=model_dir,
         reward_funcs=random_reward,
@@ -580,7 +580,7 @@ def test_mix_replay_consistent_weights_sum_to_zero(model_dir, tmp_path):
     mu = pi + torch.tensor([0.3, -0.2, 0.4, -0.5])[:, None]  # sequence ratios e^-1.8 .. e^3 (one truncated)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0])
     group = ReplayGroup(key=2, prompt_ids=prompt, completion_ids=comp, completion_mask=cmask, rewards=rewards,
-                        advantages=torch.zeros(G), behavior_logps=mu, step=0, source="forget")  # fmt: skip
+                        advantages=torch.zeros(G), behavior_logps=mu, step=0, source="forget")
     assert tr.replay_buffer.offer(group) == "admitted"
     merged = tr._mix_replay(dict(out), step=0)
     B = out["completion_ids"].size(0)

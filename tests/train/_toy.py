@@ -12,7 +12,7 @@ def toy_task(n: int = 8) -> NS:
         NS(prompt=f"Tell me about item {i}.", answer=f"item {i} is blue", subject=f"Item {i}",
            source="forget" if i % 2 else "boundary")
         for i in range(n)
-    ]  # fmt: skip
+    ]
     return NS(forget=[r for r in recs if r.source == "forget"], boundary=[r for r in recs if r.source != "forget"])
 
 

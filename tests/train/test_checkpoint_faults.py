@@ -55,7 +55,7 @@ def test_damaged_newest_falls_back_with_a_warning(tmp_path, caplog, damage):
     text = caplog.text
     assert "step-000002" in text and {"truncate": "state.pt", "flip": "model.pt", "delete_optimizer": "optimizer.pt"}[
         damage
-    ] in text  # fmt: skip
+    ] in text
     assert ckpt.load_checkpoint(found)["state"]["step"] == 1
     with pytest.raises(ckpt.CheckpointError, match="step-000002"):
         ckpt.load_checkpoint(newest)
@@ -204,4 +204,4 @@ def test_reference_not_stored_without_warm_start(tmp_path, capsys):
     assert not (out / "reference.pt").exists()
     assert "reference: the initial model (not stored)" in capsys.readouterr().out
     assert cli.main(["train", "--config", cfg, "--warm_start.epochs", "0", "--steps", "3", "--resume",
-                     "--no-report"]) == 0  # fmt: skip
+                     "--no-report"]) == 0

@@ -127,7 +127,7 @@ def test_one_override_syntax(tmp_path):
     from rerule import cli
 
     tokens = ["--replay.cap", "1.5", "--set", "optim.lr=1e-3", "--steps=3", "--set", "task.kwargs={seed: 2}",
-              "--progress"]  # fmt: skip
+              "--progress"]
     over = cli.parse_overrides(tokens)
     c = TrainConfig.from_yaml("tiny_synthetic", over)
     assert (c.replay.cap, c.optim.lr, c.steps, c.task.kwargs, c.progress) == (1.5, 1e-3, 3, {"seed": 2}, True)
@@ -171,7 +171,7 @@ def test_demo_accepts_both_override_forms(monkeypatch):
     seen = {}
     monkeypatch.setattr(rerule.demo.cli, "run_demo", lambda args: seen.update(vars(args)))
     argv = ["demo", "--sweep", "--set", "sweep.seeds=[0]", "--set", "sweep.hardness=[0.2]", "--set",
-            "sweep.arms=[RULE]", "--out", "x", "--train.steps", "5", "--config", "demo"]  # fmt: skip
+            "sweep.arms=[RULE]", "--out", "x", "--train.steps", "5", "--config", "demo"]
     assert cli.main(argv) == 0
     assert seen["set"] == ["sweep.seeds=[0]", "sweep.hardness=[0.2]", "sweep.arms=[RULE]", "train.steps=5"]
     assert seen["sweep"] and seen["out"] == "x" and seen["config"].endswith("rerule/configs/demo.yaml")

@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 def _child(fn, rank, world, port, args, err):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     code = 0
     try:
         from accelerate.state import AcceleratorState
@@ -82,7 +82,7 @@ G, MICRO, CAP, LAM = 4, 4, 1.5, 0.7
 FRESH_SPLIT = ((0, 8), (8, 16))
 # replayed rows per rank: unequal (4 vs 8), or one rank without any
 REPLAY_SPLIT = {"grpo": ((0, 4), (4, 12)), "bnpo": ((0, 0), (0, 12)), "dr_grpo": ((0, 4), (4, 12)),
-                "dapo": ((0, 0), (0, 12))}  # fmt: skip
+                "dapo": ((0, 0), (0, 12))}
 CASES = [("ddp", "logits", lt, False) for lt in REPLAY_SPLIT]
 CASES += [("ddp", "fused_linear", lt, False) for lt in REPLAY_SPLIT]
 CASES += [("fsdp", "logits", lt, False) for lt in REPLAY_SPLIT]
@@ -104,7 +104,7 @@ def _tiny(lora: bool):
         torch.manual_seed(5)
         # init_lora_weights=False: B is random too, so A gets a gradient as well
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights=False))  # fmt: skip
+                                                 init_lora_weights=False))
     return model, len(tok)
 
 
@@ -137,12 +137,12 @@ def _rows(s, a: int, b: int):
         return None
     cut = lambda t: None if t is None else t[a:b]  # noqa: E731
     return UpdateSet(s.batch.rows(a, b, trim=False), s.advantages[a:b], s.rewards[a:b], cut(s.behavior),
-                     cut(s.ref), s.group_size, s.sources[a:b])  # fmt: skip
+                     cut(s.ref), s.group_size, s.sources[a:b])
 
 
 def _loss_kw(loss_type):
     kw = dict(temperature=1.0, epsilon_low=0.2, epsilon_high=0.3, dual_clip=3.0, beta=0.04, loss_type=loss_type,
-              importance_sampling_level="token")  # fmt: skip
+              importance_sampling_level="token")
     return dict(kw, max_completion_length=8) if loss_type == "dr_grpo" else kw
 
 
@@ -162,7 +162,7 @@ def _grad_ranks(rank, out):
         forward = dist.wrap(model, hidden=impl == "fused_linear")
         fresh, rep = _sets(V)
         update = PolicyUpdate(model, _loss_kw(loss_type), impl, "torch", None, MICRO, CAP, LAM, "consistent",
-                              dist, forward)  # fmt: skip
+                              dist, forward)
         model.zero_grad(set_to_none=True)
         _, stats = update(_rows(fresh, *FRESH_SPLIT[rank]), _rows(rep, *REPLAY_SPLIT[loss_type][rank]))
         grads = {}
@@ -215,7 +215,7 @@ def _config(out, steps=STEPS, **extra):
          "optim": {"lr": 1e-2, "micro_batch_groups": 1}, "loss": {"beta": 0.05, "loss_type": "dapo"},
          "warm_start": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "warmup_steps": 0},
          "replay": {"enabled": True, "start_step": 1, "fraction": 0.5, "cap": 1.5},
-         "sampling": {"mode": "prioritized"}, "distributed": {"timeout_s": 60}}  # fmt: skip
+         "sampling": {"mode": "prioritized"}, "distributed": {"timeout_s": 60}}
     return TrainConfig.from_dict(d).apply_overrides(extra)
 
 
@@ -274,7 +274,7 @@ def _launch(cmd: list[str], timeout: float = 300) -> str:
 def test_two_rank_rerule_run_agrees_round_trips_and_refuses_other_world_size(tmp_path):
     out = tmp_path / "ddp"
     _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-             str(_free_port()), str(HERE), "ddp", str(out)])  # fmt: skip
+             str(_free_port()), str(HERE), "ddp", str(out)])
     for r in (0, 1):
         ok = json.loads((out / f"ok-rank{r}.json").read_text())
         assert ok["checked"] == list(range(1, STEPS + 1))
@@ -303,7 +303,7 @@ def test_two_rank_rerule_run_agrees_round_trips_and_refuses_other_world_size(tmp
 CLI_OVERRIDES = ["--steps", "2", "--save_every", "1", "--progress", "false",
                  "--rollout.group_size", "4", "--rollout.prompts_per_step", "4", "--rollout.max_new_tokens", "6",
                  "--warm_start.epochs", "1", "--warm_start.lr", "1e-2", "--replay.start_step", "1",
-                 "--replay.fraction", "0.5", "--distributed.timeout_s", "60"]  # fmt: skip
+                 "--replay.fraction", "0.5", "--distributed.timeout_s", "60"]
 
 
 def _drive_cli(out: Path) -> None:
@@ -333,7 +333,7 @@ def test_fsdp_cli_under_accelerate_launch(tmp_path):
     out = tmp_path / "fsdp"
     accelerate = Path(sys.executable).parent / "accelerate"
     _launch([str(accelerate), "launch", "--config_file", "rerule/configs/accelerate_fsdp.yaml", "--num_processes",
-             "2", "--main_process_port", str(_free_port()), str(HERE), "cli", str(out)])  # fmt: skip
+             "2", "--main_process_port", str(_free_port()), str(HERE), "cli", str(out)])
     assert [(out / f"ok-rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2

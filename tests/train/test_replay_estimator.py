@@ -75,7 +75,7 @@ def test_row_weight_one_is_the_on_policy_gradient_bit_for_bit(level):
     x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     on = grpo_loss(x1, ids, mask, adv, **kw)
     replay = grpo_loss(x2, ids, mask, adv, behavior_logps=row_weight_behavior(cur, rw.row_weights),
-                       is_cap=float(G), **kw)  # fmt: skip
+                       is_cap=float(G), **kw)
     on.loss.backward()
     replay.loss.backward()
     assert torch.equal(on.loss, replay.loss)
@@ -97,7 +97,7 @@ def test_one_sgd_step_moves_logps_with_the_advantage_sign():
     assert rw.truncated.any() and (rw.ess < G - 0.5).all()
     x = logits.clone().requires_grad_()
     out = grpo_loss(x, ids, mask, rw.advantages.float(), behavior_logps=row_weight_behavior(cur, rw.row_weights),
-                    is_cap=float(G), impl="torch")  # fmt: skip
+                    is_cap=float(G), impl="torch")
     out.loss.backward()
     with torch.no_grad():
         after = token_logps(x - 5.0 * x.grad, ids, mask, impl="torch")[0].double()

@@ -34,7 +34,7 @@ def _config(out: str, steps: int):
         "warm_start": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "warmup_steps": 0},
         "replay": {"enabled": True, "start_step": 1, "fraction": 0.5, "cap": 1.5},
         "sampling": {"mode": "prioritized"},
-    })  # fmt: skip
+    })
 
 
 def _drive(argv: list[str]) -> None:
@@ -53,7 +53,7 @@ def _drive(argv: list[str]) -> None:
 def _launch(out: Path, steps: int, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[2]))
     return subprocess.Popen([sys.executable, str(HERE), str(out), str(steps), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _wait(proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -22,11 +22,11 @@ def _cases():
     """(reply, forget record, RULE forget solution, boundary record, RULE boundary solution)."""
     refs = [a for _, a in ANSWERS]
     pairs = [(style.format(s=s), s, refs[i % len(refs)]) for i, (style, s) in
-             enumerate((style, s) for style in RULE_STYLES for s in SUBJECTS)]  # fmt: skip
+             enumerate((style, s) for style in RULE_STYLES for s in SUBJECTS)]
     pairs += [(t, SUBJECTS[i % len(SUBJECTS)], refs[(7 * i) % len(refs)]) for i, t in enumerate(MODEL_REFUSALS)]
     # An answer is scored against its own reference; its target is a subject it names, if any.
     pairs += [(t, next((s for s in SUBJECTS if s in t), SUBJECTS[i % len(SUBJECTS)]), a)
-              for i, (t, a) in enumerate(ANSWERS)]  # fmt: skip
+              for i, (t, a) in enumerate(ANSWERS)]
     out = []
     for text, subject, answer in pairs:
         fr = R(source="forget", answer="", subject=subject)

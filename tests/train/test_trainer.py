@@ -36,7 +36,7 @@ def toy_config(tmp_path, **over):
         "rollout": {"group_size": 8, "prompts_per_step": 4, "max_new_tokens": 4},
         "optim": {"lr": 2e-2}, "loss": {"beta": 0.0},
         "replay": {"enabled": False},
-    }  # fmt: skip
+    }
     cfg = TrainConfig.from_dict(base)
     return cfg.apply_overrides(over) if over else cfg
 
@@ -188,7 +188,7 @@ def _random_set(V, B=8, T=5, P=3, G=4, seed=0, behavior=False):
 
 
 LOSS_KW = dict(temperature=1.0, epsilon_low=0.2, epsilon_high=0.3, dual_clip=3.0, beta=0.0,
-               importance_sampling_level="token")  # fmt: skip
+               importance_sampling_level="token")
 
 
 def _grads(model, update, fresh, replayed):
@@ -234,7 +234,7 @@ def test_replayed_loss_gradient_is_the_decoupled_objective(normalize, mode, beta
     if beta:
         rep.ref = -torch.rand(rep.batch.completion_ids.shape, generator=torch.Generator().manual_seed(5)) * 4
     update = PolicyUpdate(model, kw, "logits", "torch", None, None, cap, lam, advantages=mode,
-                          replay_normalize=normalize)  # fmt: skip
+                          replay_normalize=normalize)
     if beta:
         # the fresh rows' KL gradient is exactly zero: their reference is their own current log-probs
         with torch.no_grad():
@@ -434,7 +434,7 @@ def test_consistent_replay_run_logs_zero_advantage_sums(tmp_path):
 
 def test_replay_sources_filter_the_buffer(tmp_path):
     cfg = toy_config(tmp_path, steps=4, **{"replay.enabled": "true", "replay.start_step": 1,
-                                           "replay.fraction": 0.5, "replay.sources": "forget"})  # fmt: skip
+                                           "replay.fraction": 0.5, "replay.sources": "forget"})
     tr = Trainer(cfg, task=toy_task(), reward_fn=upper_reward)
     hist = tr.train()
     assert all(e.source == "forget" for e in tr.buffer.entries)
