@@ -31,6 +31,14 @@ def _plt():
     return plt
 
 
+def _finish(ax, title, xlabel, fontsize=None) -> None:
+    """Title, x label, a light grid and a small legend: every panel's finish."""
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _eval_series(r: dict, key: str):
     xs = [e["step"] for e in r["evals"] if e.get(key) is not None]
     return xs, [e[key] for e in r["evals"] if e.get(key) is not None]
@@ -95,10 +103,7 @@ def _plot_tradeoff(plt, arms: dict, colors: dict, save) -> None:
             ax.plot(fr, [e.get(key) for e in r["evals"]], "o-", color=colors[a], label=a, alpha=0.8)
             ax.plot(fr[-1:], [r["evals"][-1].get(key)], "*", color=colors[a], ms=14)
     for ax, t in zip(axs, ("boundary quality", "retain quality")):
-        ax.set_title(f"{t} against forget refusal (star: last evaluation)")
-        ax.set_xlabel("forget refusal rate (greedy eval)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, f"{t} against forget refusal (star: last evaluation)", "forget refusal rate (greedy eval)")
     save(fig, "tradeoff.png")
 
 
@@ -122,10 +127,7 @@ def _plot_buffer(plt, arms: dict, colors: dict, save) -> None:
             "gradient norm before clipping",
         ),
     ):
-        ax.set_title(t)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, t, "RL step")
     save(fig, "buffer_is.png")
 
 
@@ -134,10 +136,7 @@ def _plot_compute(plt, arms: dict, colors: dict, save) -> None:
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
     for a, r in arms.items():
         axs[0].plot(*_step_series(r, "time_step_s"), "-", color=colors[a], label=a)
-    axs[0].set_title("wall time per step (s; rollout + update, no eval)")
-    axs[0].set_xlabel("RL step")
-    axs[0].grid(alpha=0.3)
-    axs[0].legend(fontsize=8)
+    _finish(axs[0], "wall time per step (s; rollout + update, no eval)", "RL step")
     names = list(arms)
     x = np.arange(len(names))
     gen = [arms[a]["compute"]["generated_tokens"] for a in names]
@@ -180,10 +179,7 @@ def plot_sweep(report: dict, out_dir: Path) -> Path:
                             fmt="s--" if ref else "o-", color="k" if ref else None, capsize=3, label=arm)
         row[1].axhline(0, color="k", lw=0.8)
         for ax, (_, title) in zip(row, panels):
-            ax.set_title(f"{reg}: {title}", fontsize=10)
-            ax.set_xlabel("hardness (boundary/forget similarity)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            _finish(ax, f"{reg}: {title}", "hardness (boundary/forget similarity)", fontsize=10)
     fig.suptitle("mean ± standard error over seeds")
     fig.tight_layout()
     path = out_dir / "sweep_gain.png"
@@ -222,11 +218,8 @@ def plot_sweep_fronts(report: dict, out_dir: Path) -> Path:
                 ref = arm == REFERENCE_ARM
                 line = ax.plot(xs, mean, "--" if ref else "-", color="k" if ref else None, label=arm)[0]
                 ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.15)
-            ax.set_title(f"{reg}, hardness {h}", fontsize=10)
-            ax.set_xlabel("forget refusal L")
             ax.set_ylabel("best boundary quality at forget refusal >= L")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            _finish(ax, f"{reg}, hardness {h}", "forget refusal L", fontsize=10)
     fig.suptitle("trade-off fronts: mean ± standard error over the seeds that reach L")
     fig.tight_layout()
     path = out_dir / "sweep_front.png"
