@@ -7,77 +7,15 @@ turns it off; test_parity_with_trl runs both."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 from trl import GRPOTrainer
 
-from rerule import fused_linear_grpo_loss, group_advantages, grpo_loss
-from rerule.integrations.trl import FusedGRPOTrainer, ReplayGRPOConfig, ReplayGRPOTrainer
+from rerule import fused_linear_grpo_loss, grpo_loss
+from rerule.integrations.trl import FusedGRPOTrainer, ReplayGRPOTrainer
 from rerule.kernels.grpo_math import importance_weights
-from rerule.train.buffer import ReplayGroup
-
-WORDS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(61)]  # V = 65: not a power of two
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama and a word-level tokenizer saved to disk (TRL rebuilds the reference from a path)."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    hf_tok.save_pretrained(path)
-    return str(path)
-
-
-def dataset():
-    return Dataset.from_dict(
-        {"prompt": [" ".join(f"w{(7 * i + j) % 61}" for j in range(3 + i % 3)) for i in range(8)]}
-    )
-
-
-def random_reward(completions, **kwargs):
-    # Deterministic per completion, spread over [0, 1): groups are rarely flat.
-    return [random.Random(c).random() for c in completions]
-
-
-def config(cls=ReplayGRPOConfig, **kw):
-    base = dict(
-        output_dir="unused",
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        use_vllm=False,
-        beta=0.0,
-    )
-    return cls(**{**base, **kw})
+from tests.integrations._trl_helpers import WORDS, config, dataset, make_inputs, random_reward
 
 
 @pytest.fixture(scope="module")
@@ -93,40 +31,6 @@ def trainer(model_dir, tmp_path_factory):
     tr.args.steps_per_generation = 4
     tr.model.train()
     return tr
-
-
-def make_inputs(tr, seed=0, B=6, P=5, C=7, off_policy=0.3):
-    """The dict TRL's _generate_and_score_completions hands to _compute_loss: left-padded prompts,
-    right-padded completions of different lengths, old / ref log-probs near the current policy."""
-    g = torch.Generator().manual_seed(seed)
-    V = tr.model.config.vocab_size
-    prompt_ids = torch.randint(4, V, (B, P), generator=g)
-    prompt_mask = torch.ones(B, P, dtype=torch.long)
-    prompt_mask[0, :2] = 0
-    prompt_ids[0, :2] = 0
-    completion_ids = torch.randint(4, V, (B, C), generator=g)
-    lengths = torch.tensor([C, 3, 5, 1, C, C - 1][:B])
-    completion_mask = (torch.arange(C)[None] < lengths[:, None]).long()
-    completion_ids[completion_mask == 0] = 0
-    with torch.no_grad():
-        cur, _, _ = tr._get_per_token_logps_and_entropies(
-            tr.model,
-            torch.cat([prompt_ids, completion_ids], 1),
-            torch.cat([prompt_mask, completion_mask], 1),
-            C,
-        )
-    return dict(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        advantages=torch.randn(B, generator=g),
-        # A per-sequence shift as well, so sequence-level (GSPO) ratios clip too.
-        old_per_token_logps=cur
-        + off_policy * (torch.randn(B, C, generator=g) + torch.randn(B, 1, generator=g)),
-        ref_per_token_logps=cur + 0.3 * torch.randn(B, C, generator=g),
-        num_items_in_batch=completion_mask.sum() * 3,
-    )
 
 
 def run(tr, fn, inputs):
@@ -403,65 +307,6 @@ def test_unsupported_configurations_raise(trainer, setattrs):
         trainer._compute_loss(trainer.model, inputs)
 
 
-@pytest.mark.parametrize("mode", ["consistent", "recomputed"])
-@pytest.mark.parametrize("beta", [0.0, 0.05], ids=["beta0", "beta-bias-corrected-kl"])
-def test_replay_loss_is_on_policy_plus_weighted_decoupled_replay(model_dir, tmp_path, beta, mode):
-    """ReplayGRPOTrainer's loss on a batch with replayed rows equals L_on(fresh rows) from TRL's
-    native loss + lambda * the spec's replay loss (w = min(exp(old - behavior), cap) on the policy term;
-    consistent: behavior carries the row weight G * p_i <= G and the cap is G, so it is not truncated
-    again; recomputed: the cap is replay_is_cap). beta0: old = current (ratio 1). With beta > 0 (TRL's
-    default use_bias_correction_kl=True) old is off the current policy, and the replayed rows' KL is
-    k3 x exp(logp - old), not weighted by w."""
-    args = config(output_dir=str(tmp_path), loss_type="grpo", beta=beta, replay_weight=0.7, replay_is_cap=1.5,
-                  replay_advantages=mode)
-    tr = ReplayGRPOTrainer(
-        model=model_dir,
-        reward_funcs=random_reward,
-        processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
-        args=args,
-        train_dataset=dataset(),
-    )
-    tr.current_gradient_accumulation_steps = 1
-    tr.model.train()
-    inputs = make_inputs(tr, seed=7)
-    if beta == 0.0:
-        del inputs["old_per_token_logps"], inputs["ref_per_token_logps"]
-    B, C = inputs["completion_ids"].shape
-    replay = torch.tensor([False, True, False, True, True, False])
-    mu = make_inputs(tr, seed=7, off_policy=0.0)["old_per_token_logps"] + 0.5 * torch.randn(B, C)
-    inputs.update(replay_mask=replay, behavior_per_token_logps=mu, replay_num_items=torch.tensor(7.0))
-
-    ours = tr._compute_loss(tr.model, inputs)
-    fresh = {
-        k: (v[~replay] if torch.is_tensor(v) and v.dim() else v)
-        for k, v in inputs.items()
-        if k not in ("replay_mask", "behavior_per_token_logps", "replay_num_items")
-    }
-    on = GRPOTrainer._compute_loss(tr, tr.model, fresh)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)[replay]
-    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)[replay]
-    logits = tr.model(input_ids=ids, attention_mask=attn).logits[:, -C - 1 : -1]
-    spec = grpo_loss(
-        logits,
-        inputs["completion_ids"][replay],
-        inputs["completion_mask"][replay],
-        inputs["advantages"][replay],
-        old_logps=inputs["old_per_token_logps"][replay] if beta else None,
-        behavior_logps=mu[replay],
-        ref_logps=inputs["ref_per_token_logps"][replay] if beta else None,
-        beta=beta,
-        bias_correction_kl=True,
-        is_cap=1.5 if mode == "recomputed" else float(tr.num_generations),
-        loss_type="grpo",
-    )
-    torch.testing.assert_close(ours, on + 0.7 * spec.loss, rtol=1e-5, atol=1e-7)
-    if mode == "recomputed":
-        assert spec.metrics["is_truncated_frac"] > 0  # the cap is active on these inputs
-    assert tr._metrics["train"]["replay/is_truncated_frac"][-1] == pytest.approx(
-        spec.metrics["is_truncated_frac"].item(), abs=1e-6
-    )
-
-
 def test_train_runs(model_dir, tmp_path):
     for cls in (FusedGRPOTrainer, ReplayGRPOTrainer):
         args = config(
@@ -491,102 +336,3 @@ def test_train_runs(model_dir, tmp_path):
         if cls is ReplayGRPOTrainer:
             assert tr.replay_buffer.counters["admitted"] >= 1
             assert sum(h["replay/groups"] for h in logs) >= 1 and "replay/is_ess" in logs[-1]
-
-
-def test_mix_replay_pads_and_recomputes(model_dir, tmp_path):
-    """A stored group with a shorter prompt and a longer completion is merged into the fresh batch:
-    padding leaves every row's log-probs unchanged, pi_old is the current policy's, and with mu = pi_old
-    the recomputed advantages are the plain group advantages."""
-    tr = ReplayGRPOTrainer(
-        model=model_dir,
-        reward_funcs=random_reward,
-        args=config(output_dir=str(tmp_path)),
-        processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
-        train_dataset=dataset(),
-    )
-    tr.model.train()
-    out = make_inputs(tr, seed=8)
-    g = torch.Generator().manual_seed(9)
-    G, P, C = 4, 3, 9
-    prompt = torch.randint(4, 65, (P,), generator=g)
-    comp = torch.randint(4, 65, (G, C), generator=g)
-    cmask = (torch.arange(C)[None] < torch.tensor([C, 4, 6, 2])[:, None]).long()
-    ones = torch.ones(G, P, dtype=torch.long)
-    mu = tr._policy_logps(prompt.expand(G, P), ones, comp, cmask)
-    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    group = ReplayGroup(
-        key=1,
-        prompt_ids=prompt,
-        completion_ids=comp,
-        completion_mask=cmask,
-        rewards=rewards,
-        advantages=torch.zeros(G),
-        behavior_logps=mu,
-        step=0,
-        source="boundary",
-    )
-    assert tr.replay_buffer.offer(group) == "admitted"
-
-    merged = tr._mix_replay(dict(out), step=0)
-    B = out["completion_ids"].size(0)
-    assert merged["completion_ids"].shape == (B + G, C) and merged["prompt_ids"].shape == (B + G, 5)
-    assert merged["replay_mask"].tolist() == [False] * B + [True] * G
-    assert merged["prompt_mask"][B:, :2].sum() == 0  # left padding of the shorter prompt
-    cur = tr._policy_logps(
-        merged["prompt_ids"], merged["prompt_mask"], merged["completion_ids"], merged["completion_mask"]
-    )
-    m = merged["completion_mask"].bool()
-    ref_fresh = tr._policy_logps(
-        out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]
-    )
-    torch.testing.assert_close(cur[:B, :7][m[:B, :7]], ref_fresh[m[:B, :7]], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cur[B:][m[B:]], mu[cmask.bool()], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        merged["old_per_token_logps"][B:][m[B:]], mu[cmask.bool()], rtol=1e-5, atol=1e-5
-    )
-    torch.testing.assert_close(merged["advantages"][B:], group_advantages(rewards, G), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(merged["behavior_per_token_logps"][B:], mu)
-    assert merged["replay_num_items"].item() == cmask.sum().item()
-
-    tr.current_gradient_accumulation_steps = 1
-    loss = tr._compute_loss(tr.model, merged)
-    loss.backward()
-    assert torch.isfinite(loss) and tr._metrics["train"]["replay/is_weight_mean"][-1] == pytest.approx(
-        1.0, abs=1e-4
-    )
-
-# The README section "Using rerule inside TRL / verl / OpenRLHF" runs in tests/test_readme.py.
-
-
-def test_mix_replay_consistent_weights_sum_to_zero(model_dir, tmp_path):
-    """An off-policy stored group (mu shifted per row): the merged rows carry advantages A_i and
-    behavior log-probs whose weight exp(old - behavior) is the row weight G * p_i (the same on every
-    token of a row), with sum_i G p_i A_i = 0, and the logged replay/adv_sum is 0."""
-    tr = ReplayGRPOTrainer(
-        model=model_dir,
-        reward_funcs=random_reward,
-        args=config(output_dir=str(tmp_path), replay_is_cap=2.0),
-        processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
-        train_dataset=dataset(),
-    )
-    tr.model.train()
-    out = make_inputs(tr, seed=8)
-    g = torch.Generator().manual_seed(10)
-    G, P, C = 4, 3, 6
-    prompt = torch.randint(4, 65, (P,), generator=g)
-    comp = torch.randint(4, 65, (G, C), generator=g)
-    cmask = torch.ones(G, C, dtype=torch.long)
-    pi = tr._policy_logps(prompt.expand(G, P), torch.ones(G, P, dtype=torch.long), comp, cmask)
-    mu = pi + torch.tensor([0.3, -0.2, 0.4, -0.5])[:, None]  # sequence ratios e^-1.8 .. e^3 (one truncated)
-    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0])
-    group = ReplayGroup(key=2, prompt_ids=prompt, completion_ids=comp, completion_mask=cmask, rewards=rewards,
-                        advantages=torch.zeros(G), behavior_logps=mu, step=0, source="forget")
-    assert tr.replay_buffer.offer(group) == "admitted"
-    merged = tr._mix_replay(dict(out), step=0)
-    B = out["completion_ids"].size(0)
-    w = torch.exp(merged["old_per_token_logps"][B:, :C] - merged["behavior_per_token_logps"][B:, :C])
-    torch.testing.assert_close(w, w[:, :1].expand_as(w), rtol=1e-4, atol=1e-5)
-    adv = merged["advantages"][B:]
-    assert abs(float((w[:, 0] * adv).sum())) < 1e-4 and float(w[:, 0].sum()) == pytest.approx(G, rel=1e-4)
-    assert not torch.allclose(w[:, 0], torch.ones(G))
-    assert tr._metrics["train"]["replay/adv_sum"][-1] == pytest.approx(0.0, abs=1e-9)
