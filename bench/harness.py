@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from .common import SESSION, Case, device, env_filter, hi_dtype, judge, measure_peak, profile, rates, sync
+from .common import SESSION, Case, device, env_filter, hi_dtype, measure_peak, profile, rates, sync
+from .gates import judge
 from .impls import OPS, Op
 
 _INPUTS: dict = {}  # one slot: real-shape inputs are GBs on a GPU

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bench import harness, report
-from bench.common import SESSION, Case, floor_time_s, judge, measure_peak, measure_roofline, rates, rel_err
+from bench.common import SESSION, Case, floor_time_s, measure_peak, measure_roofline, rates
+from bench.gates import judge, rel_err
 from bench.impls import OPS, Impl, eager_logps, trl_style_loss
 from bench.peers import MODES
 
