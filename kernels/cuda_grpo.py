@@ -120,6 +120,12 @@ _LOCK = threading.Lock()
 STATS_WIDTH = 2
 
 
+def logp_lo(stats: torch.Tensor) -> None:
+    """The CUDA backend keeps no low part of the log-probs: its O(B*T) terms use the fp32 logp alone
+    (at |logits| ~ 1e4 the sequence-level loss is then rounded as eager fp32's is)."""
+    return None
+
+
 def library_path() -> Path:
     """Where the library is looked for: $RERULE_CUDA_LIB, else kernels/lib/librerule_cuda.so."""
     env = os.environ.get("RERULE_CUDA_LIB")

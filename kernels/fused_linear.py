@@ -274,7 +274,11 @@ def fused_linear_grpo_forward(
         loss_tok = torch.zeros(N, **f32).index_copy_(0, rows, loss_v).view(B, T)
     else:
         ref_or_none = ref if o.beta != 0.0 else None
-        loss_tok, g = sequence_terms(logp, mask, adv, rw, o, old=old, behavior=behavior, ref=ref_or_none)
+        lo_v = backend.logp_lo(stats_v) if n_valid else None
+        logp_lo = None if lo_v is None else torch.zeros(N, **f32).index_copy_(0, rows, lo_v).view(B, T)
+        loss_tok, g = sequence_terms(
+            logp, mask, adv, rw, o, old=old, behavior=behavior, ref=ref_or_none, logp_lo=logp_lo
+        )
         if any_grad:
             _sequence_grad_pass(
                 backend, head, h2, rows, step, buf, grad_h, ids_v=ids_v, stats_v=stats_v,

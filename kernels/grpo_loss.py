@@ -76,7 +76,8 @@ class FusedGRPOLoss(torch.autograd.Function):
             loss = (rw * loss_tok).sum()
         else:
             loss_tok, g = sequence_terms(
-                logp, mask, adv, rw, o, old=old, behavior=behavior, ref=ref if o.beta != 0.0 else None
+                logp, mask, adv, rw, o, old=old, behavior=behavior, ref=ref if o.beta != 0.0 else None,
+                logp_lo=backend.logp_lo(stats),
             )
             loss = (rw * loss_tok).sum()
             if need_grad:

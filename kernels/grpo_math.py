@@ -135,46 +135,74 @@ def kernel_behavior(old: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (old - torch.log(w).clamp(min=_LOG_ZERO)).contiguous()
 
 
-def token_terms(logp, adv, rw, o: LossOptions, old=None, behavior=None, ref=None):
+def _log_diffs(logp, old, behavior, ref, logp_lo):
+    """(logp - old, old - behavior or None, ref - logp or None) with logp = logp + logp_lo, a pair.
+
+    At |logits| ~ 1e4 an fp32 logp is off by up to half an ulp of 1e4 (~5e-4) however well it was
+    rounded, and these differences are O(1): logp - old is exact in fp32 (Sterbenz) when the two are
+    close, and adding logp_lo then gives the difference to ~1e-7 instead of ~1e-3. old = None is the
+    detached current logp (the same pair): the log ratio is exactly 0.
+    """
+    lo = torch.zeros_like(logp) if logp_lo is None else logp_lo
+    if old is None:
+        d_old = torch.zeros_like(logp)
+        d_beh = None if behavior is None else (logp - behavior) + lo
+    else:
+        d_old = (logp - old) + lo
+        d_beh = None if behavior is None else old - behavior
+    d_ref = None if ref is None else (ref - logp) - lo
+    return d_old, d_beh, d_ref
+
+
+def _weight(d_beh, like, cap: float):
+    """w = min(exp(old - behavior), cap), or ones without behavior."""
+    return torch.ones_like(like) if d_beh is None else torch.exp(d_beh).clamp(max=cap)
+
+
+def token_terms(logp, adv, rw, o: LossOptions, old=None, behavior=None, ref=None, logp_lo=None):
     """Token-level loss terms, elementwise over any shape.
 
     Returns (loss_tok, g) with g = rw * d loss_tok / d logp. ``adv`` is per token (broadcast).
+    ``logp_lo``: the low part of each logp (the backend's, see ``_log_diffs``), or None.
     """
-    old_ = logp if old is None else old
-    s, ds = surrogate_and_grad(logp - old_, adv, o)
-    w, _ = behavior_weight(old_, behavior, o.is_cap)
+    kl_on = ref is not None and o.beta != 0.0
+    d_old, d_beh, d_ref = _log_diffs(logp, old, behavior, ref if kl_on else None, logp_lo)
+    s, ds = surrogate_and_grad(d_old, adv, o)
+    w = _weight(d_beh, logp, o.is_cap)
     loss_tok = -w * s
     dl = -w * ds
-    if ref is not None and o.beta != 0.0:
-        e = torch.exp(ref - logp)
-        kl = e - (ref - logp) - 1
+    if kl_on:
+        e = torch.exp(d_ref)
+        kl = e - d_ref - 1
         bw = o.beta * w if o.is_weight_kl else o.beta
         if o.bias_correction_kl:
-            r = torch.exp(logp - old_)
+            r = torch.exp(d_old)
             loss_tok = loss_tok + bw * r * kl
-            dl = dl + bw * r * (logp - ref)
+            dl = dl - bw * r * d_ref
         else:
             loss_tok = loss_tok + bw * kl
             dl = dl + bw * (1 - e)
     return loss_tok, rw * dl
 
 
-def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None, ref=None):
+def sequence_terms(logp, mask, adv, rw, o: LossOptions, old=None, behavior=None, ref=None, logp_lo=None):
     """Sequence-level (GSPO) terms on [B, T]: the log ratio is the masked mean over the sequence.
 
-    Returns (loss_tok, g) like ``token_terms``; g couples every token of a sequence.
+    Returns (loss_tok, g) like ``token_terms``; g couples every token of a sequence. ``logp_lo`` as
+    there: the mean of T differences adds T rounding errors of ~5e-4 at |logits| ~ 1e4 without it.
     """
     m = mask.to(logp.dtype)
-    old_ = logp if old is None else old
+    kl_on = ref is not None and o.beta != 0.0
+    d_old, d_beh, d_ref = _log_diffs(logp, old, behavior, ref if kl_on else None, logp_lo)
     length = m.sum(-1, keepdim=True).clamp(min=1.0)
-    lr = ((logp - old_) * m).sum(-1, keepdim=True) / length
+    lr = (d_old * m).sum(-1, keepdim=True) / length
     s, ds = surrogate_and_grad(lr, adv.unsqueeze(-1), o)
-    w, _ = behavior_weight(old_, behavior, o.is_cap)
+    w = _weight(d_beh, logp, o.is_cap)
     loss_tok = -w * s
     g = -(rw * w).sum(-1, keepdim=True) * ds * m / length
-    if ref is not None and o.beta != 0.0:
-        e = torch.exp(ref - logp)
-        kl = e - (ref - logp) - 1
+    if kl_on:
+        e = torch.exp(d_ref)
+        kl = e - d_ref - 1
         bw = o.beta * w if o.is_weight_kl else torch.full_like(logp, o.beta)
         if o.bias_correction_kl:
             # r_b * kl_t: r_b couples the sequence, d r_b / d logp_t = r_b * m_t / length

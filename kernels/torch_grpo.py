@@ -19,8 +19,9 @@ from .options import LossOptions
 _CHUNK_ELEMS = int(os.environ.get("RERULE_CHUNK_ELEMS", 1 << 24))
 
 
-# columns of the per-row statistics grpo_fwd returns and grpo_grad takes
-STATS_WIDTH = 3
+# columns of the per-row statistics grpo_fwd returns: (max, sum, sum without the label, logp_lo);
+# grpo_grad reads the first three
+STATS_WIDTH = 4
 
 
 def _chunk_rows(V: int, chunk_rows: int | None) -> int:
@@ -35,11 +36,12 @@ def _chunks(rows: torch.Tensor, step: int):
 def _row_pass(x: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
     """One sweep over fp32 scaled rows x [n, V], which it overwrites with e = exp(x - max).
 
-    Returns (logp, stats, entropy or None, e) with stats [n, 3] = (m, s, q): the row max, s = sum(e)
-    and q = the sum of e without the label's term. The softmax is e / s, so the gradient needs no
-    second exp(), and 1 - p_label = q / s keeps its digits when the label holds nearly all the mass.
-    logp and the entropy are taken relative to the row max, which keeps them exact for huge logits
-    (|x| ~ 1e4) where lse - x would cancel.
+    Returns (logp, stats, entropy or None, e) with stats [n, 4] = (m, s, q, logp_lo): the row max,
+    s = sum(e), q = the sum of e without the label's term, and the low part of the log-prob (see
+    ``label_logp``). The softmax is e / s, so the gradient needs no second exp(), and 1 - p_label =
+    q / s keeps its digits when the label holds nearly all the mass. logp and the entropy are taken
+    relative to the row max, which keeps them exact for huge logits (|x| ~ 1e4) where lse - x would
+    cancel.
     """
     lab = labels.unsqueeze(1)
     m = x.amax(dim=-1, keepdim=True)
@@ -48,10 +50,8 @@ def _row_pass(x: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
     x_label = x.gather(1, lab).squeeze(1)
     y = x.sub_(m)
     y_label = y.gather(1, lab).squeeze(1)
-    # the rounding error of y_label = x_label - m (TwoSum), so that logp is rounded once, not twice
-    bb = y_label - x_label
-    y_err = (x_label - (y_label - bb)) + (-m.squeeze(1) - bb)
-    y_err = torch.nan_to_num(y_err, nan=0.0)
+    # the rounding error of y_label = x_label - m, so that logp is rounded once, not twice
+    y_err = torch.nan_to_num(two_sum_err(x_label, -m.squeeze(1), y_label), nan=0.0)
     t = None
     if return_entropy:
         ey = torch.exp(y)
@@ -62,17 +62,35 @@ def _row_pass(x: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
     q = e.scatter(1, lab, 0.0).sum(-1)
     s = q + e_label
     log_s = torch.log(s)
-    logp = label_logp(y_label, y_err, e_label, s, q, log_s)
+    logp, logp_lo = label_logp(y_label, y_err, e_label, s, q, log_s)
     ent = log_s - t / s if return_entropy else None
-    return logp, torch.stack([m.squeeze(1), s, q], dim=1), ent, e
+    return logp, torch.stack([m.squeeze(1), s, q, logp_lo], dim=1), ent, e
 
 
 def label_logp(y_label, y_err, e_label, s, q, log_s):
-    """log p_label = y_label + (y_err - log(s)), one rounding of x_label - max - log s (y_err is the
-    rounding error of y_label), or -log1p(q / e_label) where the label holds nearly all the mass (there
-    log(s) rounds s = 1 + tiny and loses the digits; log1p keeps them)."""
+    """(logp, logp_lo): log p_label as an fp32 pair whose sum carries ~1e-7 absolute accuracy.
+
+    logp = y_label + (y_err - log(s)), one rounding of x_label - max - log s (y_err is the rounding
+    error of y_label), and logp_lo = the rounding error of that last addition (TwoSum). At |x| ~ 1e4 a
+    correctly rounded fp32 logp is still ~5e-4 off (half an ulp of 1e4); the loss's O(B*T) terms take
+    differences such as logp - old, where that error is all that is left, so they use logp + logp_lo
+    (``grpo_math.token_terms``). Where the label holds nearly all the mass, logp = -log1p(q / e_label)
+    (there log(s) rounds s = 1 + tiny and loses the digits; log1p keeps them) and logp_lo = 0.
+    """
     z = q / e_label
-    return torch.where(z < 1e-3, -torch.log1p(z), y_label + (y_err - log_s))
+    t = y_err - log_s
+    hi = y_label + t
+    lo = two_sum_err(y_label, t, hi)
+    confident = z < 1e-3
+    hi = torch.where(confident, -torch.log1p(z), hi)
+    lo = torch.where(confident | ~torch.isfinite(lo), torch.zeros_like(lo), lo)
+    return hi, lo
+
+
+def two_sum_err(a, b, s):
+    """The rounding error of s = fl(a + b): a + b = s + err exactly (Knuth's TwoSum, any magnitudes)."""
+    bb = s - a
+    return (a - (s - bb)) + (b - bb)
 
 
 def _grad_buffer(logits, inplace, valid):
@@ -140,7 +158,7 @@ def grpo_fwd(
     ids_f, valid = ids.reshape(-1), mask.reshape(-1) != 0
     rows = valid.nonzero().squeeze(1)
     f32 = dict(dtype=torch.float32, device=logits.device)
-    logp, stats = torch.zeros(B * T, **f32), torch.zeros(B * T, 3, **f32)
+    logp, stats = torch.zeros(B * T, **f32), torch.zeros(B * T, STATS_WIDTH, **f32)
     ent = torch.zeros(B * T, **f32) if return_entropy else None
     loss_tok = torch.zeros(B * T, **f32) if fused_loss else None
     dx = dx_flat = None
@@ -161,7 +179,7 @@ def grpo_fwd(
             take = lambda t, r=r: None if t is None else t.reshape(-1).index_select(0, r).to(torch.float32)
             c_loss, c_g = token_terms(
                 c_logp, adv.index_select(0, r // T), take(rw), o, old=take(old), behavior=take(behavior),
-                ref=take(ref) if o.beta != 0.0 else None,
+                ref=take(ref) if o.beta != 0.0 else None, logp_lo=c_stats[:, 3],
             )
             loss_tok[r] = c_loss
             if grad:
@@ -170,15 +188,20 @@ def grpo_fwd(
     shape = (B, T)
     return (
         logp.view(shape),
-        stats.view(B, T, 3),
+        stats.view(B, T, STATS_WIDTH),
         None if ent is None else ent.view(shape),
         None if loss_tok is None else loss_tok.view(shape),
         dx,
     )
 
 
+def logp_lo(stats: torch.Tensor) -> torch.Tensor:
+    """The low part of each log-prob from ``grpo_fwd``'s ``stats`` [B, T, 4] (see ``label_logp``)."""
+    return stats[..., 3]
+
+
 def grpo_grad(logits, ids, mask, stats, g, temperature: float, inplace: bool, chunk_rows: int | None = None):
-    """dlogits = g / tau * (onehot - softmax), from ``stats`` [B, T, 3] = (max, sum, sum without the label)
+    """dlogits = g / tau * (onehot - softmax), from ``stats`` [B, T, 4] = (max, sum, sum without the label, -)
     that ``grpo_fwd`` returned for the same logits: p = exp(x - max) / sum, relative to the kept max
     (exp(x - lse) from an fp32 lse would lose the digits that lse's rounding takes at |x| ~ 1e4)."""
     B, T, V = logits.shape
@@ -189,7 +212,7 @@ def grpo_grad(logits, ids, mask, stats, g, temperature: float, inplace: bool, ch
     step = _chunk_rows(V, chunk_rows)
     ws = _Workspace(flat, dx_flat, rows, step)
     tau = float(temperature)
-    ids_f, st_f, g_f = ids.reshape(-1), stats.reshape(-1, 3), g.reshape(-1).to(torch.float32)
+    ids_f, st_f, g_f = ids.reshape(-1), stats.reshape(-1, STATS_WIDTH), g.reshape(-1).to(torch.float32)
     for r in _chunks(rows, step):
         w, direct = ws.load(r, tau)
         st = st_f.index_select(0, r)

@@ -5,7 +5,8 @@ in flight fit in L2); each program loops over (b, t) rows of the logits:
 
 * ``_grpo_fwd_kernel``: one sweep over the vocab keeps the online max m, the sum q of
   exp(x - m) over the entries other than the label and (on request) the entropy terms, and
-  gathers the label logit. logp = (x_label - m) - log(q + e_label) relative to the kept max.
+  gathers the label logit. logp = (x_label - m) - log(q + e_label) relative to the kept max, kept
+  with its rounding error logp_lo for the O(B*T) terms.
   For token-level losses (FUSED_LOSS) it then evaluates the per-token GRPO terms
   (ratio, clip, dual clip, behavior weight, k3 KL, reduction weight) in registers
   and, when a gradient is needed, sweeps the row again to write
@@ -114,9 +115,8 @@ def _row_stats(X, off, head, label, V, tau, RETURN_ENT: tl.constexpr, BLOCK_V: t
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     x_label = _scale(tl.load(X + off + label).to(tl.float32), tau, TAU_ONE)
     y_label = x_label - m_safe
-    # the rounding error of y_label (TwoSum), so that logp is rounded once, not twice
-    bb = y_label - x_label
-    y_err = (x_label - (y_label - bb)) + (-m_safe - bb)
+    # the rounding error of y_label, so that logp is rounded once, not twice
+    y_err = _two_sum_err(x_label, -m_safe, y_label)
     y_err = tl.where(y_err == y_err, y_err, 0.0)  # inf - inf: no correction
     s = q + tl.exp(y_label)
     ent = tl.log(s) - (t / s)
@@ -124,15 +124,28 @@ def _row_stats(X, off, head, label, V, tau, RETURN_ENT: tl.constexpr, BLOCK_V: t
 
 
 @triton.jit
+def _two_sum_err(a, b, s):
+    """The rounding error of s = fl(a + b): a + b = s + err exactly (TwoSum, any magnitudes)."""
+    bb = s - a
+    return (a - (s - bb)) + (b - bb)
+
+
+@triton.jit
 def _label_logp(y_label, y_err, s, q):
-    """log p_label = y_label + (y_err - log(s)) (one rounding of x_label - max - log s), or
-    -log1p(q / e_label) by its series where the label holds nearly all the mass (there log(s) would
-    round s = 1 + tiny to 1 and lose every digit)."""
+    """(logp, logp_lo): log p_label = y_label + (y_err - log(s)) (one rounding of x_label - max - log s)
+    and the rounding error of that addition, so that logp + logp_lo carries ~1e-7 absolute accuracy
+    at |x| ~ 1e4, where a correctly rounded fp32 logp is ~5e-4 off; or -log1p(q / e_label) by its
+    series (and lo = 0) where the label holds nearly all the mass (there log(s) would round
+    s = 1 + tiny to 1 and lose every digit)."""
     z = q / tl.exp(y_label)
     small = z < 1e-3
     zs = tl.where(small, z, 0.0)
     series = -(zs - zs * zs * (0.5 - zs * (1.0 / 3.0)))
-    return tl.where(small, series, y_label + (y_err - tl.log(s)))
+    t = y_err - tl.log(s)
+    hi = y_label + t
+    lo = _two_sum_err(y_label, t, hi)
+    lo = tl.where(small | (lo != lo), 0.0, lo)
+    return tl.where(small, series, hi), lo
 
 
 @triton.jit
@@ -223,20 +236,24 @@ def _fwd_row(
         label = tl.load(IDS + i_n).to(tl.int64)
         head = _head(off, V, ALIGN, ROWS_ALIGNED)
         m, s, q, y_label, y_err, ent = _row_stats(X, off, head, label, V, tau, RETURN_ENT, BLOCK_V, ALIGN, TAU_ONE)
-        logp = _label_logp(y_label, y_err, s, q)
+        logp, logp_lo = _label_logp(y_label, y_err, s, q)
         tl.store(LOGP + i_n, logp)
-        tl.store(STATS + 3 * i_n, m)
-        tl.store(STATS + 3 * i_n + 1, s)
-        tl.store(STATS + 3 * i_n + 2, q)
+        tl.store(STATS + 4 * i_n, m)
+        tl.store(STATS + 4 * i_n + 1, s)
+        tl.store(STATS + 4 * i_n + 2, q)
+        tl.store(STATS + 4 * i_n + 3, logp_lo)
         if RETURN_ENT:
             tl.store(ENT + i_n, ent)
         if FUSED_LOSS:
             adv = tl.load(ADV + i_b).to(tl.float32)
+            # differences with the pair logp + logp_lo (exact when close: Sterbenz); no old = the same pair
             if HAS_OLD:
                 old = tl.load(OLD + i_n).to(tl.float32)
+                d_old = (logp - old) + logp_lo
             else:
                 old = logp
-            r = tl.exp(logp - old)
+                d_old = tl.zeros([], tl.float32)
+            r = tl.exp(d_old)
             cl = tl.minimum(tl.maximum(r, lo), hi)
             g_ratio = adv * r
             rd = r
@@ -255,20 +272,23 @@ def _fwd_row(
                 sur = tl.where(neg, tl.maximum(sur, floor), sur)
             w = 1.0
             if HAS_BEH:
-                w = tl.minimum(tl.exp(old - tl.load(BEH + i_n).to(tl.float32)), is_cap)
+                d_beh = old - tl.load(BEH + i_n).to(tl.float32)
+                if not HAS_OLD:
+                    d_beh += logp_lo
+                w = tl.minimum(tl.exp(d_beh), is_cap)
             loss = -w * sur
             dl = -w * ds
             if HAS_REF:
-                ref = tl.load(REF + i_n).to(tl.float32)
-                e = tl.exp(ref - logp)
+                d_ref = (tl.load(REF + i_n).to(tl.float32) - logp) - logp_lo
+                e = tl.exp(d_ref)
                 bw = beta
                 if W_KL:
                     bw = beta * w
                 if KL_IS:
-                    loss += bw * r * (e - (ref - logp) - 1.0)
-                    dl += bw * r * (logp - ref)
+                    loss += bw * r * (e - d_ref - 1.0)
+                    dl -= bw * r * d_ref
                 else:
-                    loss += bw * (e - (ref - logp) - 1.0)
+                    loss += bw * (e - d_ref - 1.0)
                     dl += bw * (1.0 - e)
             tl.store(LOSS + i_n, loss)
             if COMPUTE_GRAD:
@@ -276,9 +296,10 @@ def _fwd_row(
                           BLOCK_V, ALIGN, TAU_ONE)
     else:
         tl.store(LOGP + i_n, 0.0)
-        tl.store(STATS + 3 * i_n, 0.0)
-        tl.store(STATS + 3 * i_n + 1, 1.0)
-        tl.store(STATS + 3 * i_n + 2, 0.0)
+        tl.store(STATS + 4 * i_n, 0.0)
+        tl.store(STATS + 4 * i_n + 1, 1.0)
+        tl.store(STATS + 4 * i_n + 2, 0.0)
+        tl.store(STATS + 4 * i_n + 3, 0.0)
         if RETURN_ENT:
             tl.store(ENT + i_n, 0.0)
         if FUSED_LOSS:
@@ -304,8 +325,8 @@ def _grpo_grad_kernel(
         if tl.load(MASK + i_n) != 0:
             label = tl.load(IDS + i_n).to(tl.int64)
             head = _head(off, V, ALIGN, ROWS_ALIGNED)
-            _row_grad(X, off, DX, off_dx, head, label, tl.load(STATS + 3 * i_n), tl.load(STATS + 3 * i_n + 1),
-                      tl.load(STATS + 3 * i_n + 2), tl.load(G + i_n), V, tau, DX_ALIGNED, BLOCK_V, ALIGN, TAU_ONE)
+            _row_grad(X, off, DX, off_dx, head, label, tl.load(STATS + 4 * i_n), tl.load(STATS + 4 * i_n + 1),
+                      tl.load(STATS + 4 * i_n + 2), tl.load(G + i_n), V, tau, DX_ALIGNED, BLOCK_V, ALIGN, TAU_ONE)
         else:
             _row_zero(DX + off_dx, V, BLOCK_V)
 
@@ -313,8 +334,14 @@ def _grpo_grad_kernel(
 BLOCK_V_RANGE = (16, 16384)  # the interpreter's default tile goes up to 16384
 
 
-# columns of the per-row statistics grpo_fwd returns and grpo_grad takes
-STATS_WIDTH = 3
+# columns of the per-row statistics grpo_fwd returns: (max, sum, sum without the label, logp_lo);
+# grpo_grad reads the first three
+STATS_WIDTH = 4
+
+
+def logp_lo(stats: torch.Tensor) -> torch.Tensor:
+    """The low part of each log-prob from ``grpo_fwd``'s ``stats`` [B, T, 4] (see ``_label_logp``)."""
+    return stats[..., 3]
 
 
 def max_block_v(element_size: int) -> int:
@@ -437,7 +464,7 @@ def grpo_fwd(
     B, T, V = logits.shape
     N = B * T
     f32 = (torch.float32, logits.device)
-    logp, stats = _empty((N,), *f32), _empty((N, 3), *f32)
+    logp, stats = _empty((N,), *f32), _empty((N, STATS_WIDTH), *f32)
     ent = _empty((N,), *f32) if return_entropy else logp
     loss_tok = _empty((N,), *f32) if fused_loss else logp
     dx = _grad_buffer(logits, inplace) if (fused_loss and compute_grad) else logits
@@ -466,7 +493,7 @@ def grpo_fwd(
     shape = (B, T)
     return (
         logp.view(shape),
-        stats.view(B, T, 3),
+        stats.view(B, T, STATS_WIDTH),
         ent.view(shape) if return_entropy else None,
         loss_tok.view(shape) if fused_loss else None,
         dx if (fused_loss and compute_grad) else None,
@@ -476,7 +503,7 @@ def grpo_fwd(
 def grpo_grad(logits, ids, mask, stats, g, temperature: float, inplace: bool, block_v: int | None = None):
     """Launch the gradient sweep: dlogits = g * (onehot - softmax) / tau, zero rows where mask is 0.
 
-    ``stats`` [B, T, 3] is what ``grpo_fwd`` returned for the same logits (row max, sum, and the sum
+    ``stats`` [B, T, 4] is what ``grpo_fwd`` returned for the same logits (row max, sum, and the sum
     without the label)."""
     check_interpreter(logits)
     B, T, V = logits.shape

@@ -9,9 +9,9 @@ plus 1e-6, where the error of a tensor is ``max_i |a_i - r_i| / (1 + |r_i|)`` (e
 normalized by a tensor's max) and gradients are compared after multiplying by the token count B*T
 (so a gradient element is O(1), not O(1 / tokens)). The fused-linear gradients come out of GEMMs
 whose summation order differs from eager's, so their size is the GEMM's error scale
-``|d logits| @ |W|`` (resp. ``|d logits|^T @ |h|``) instead of ``|r_i|``; for the +-1e4 and tie regimes
-outside the ``normal`` regime its inputs are small integers, so the forward GEMM is exact and the
-logits are the same bits.
+``|d logits| @ |W|`` (resp. ``|d logits|^T @ |h|``) instead of ``|r_i|``; its inputs lie on a coarse
+dyadic grid (small integers outside the ``normal`` regime), so the forward GEMM is exact and the
+logits are the same bits for every computation.
 
 ``RERULE_FUZZ_CASES=N`` runs N cases per backend (default: a small subset that keeps the normal
 suite fast); ``RERULE_FUZZ_REPORT=path`` appends one JSON line per backend and regime with the worst
@@ -32,7 +32,9 @@ from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
 
 N_CASES = int(os.environ.get("RERULE_FUZZ_CASES", "0"))
-DEFAULT_CASES = {"torch": 60, "triton": 24, "fused_linear": 30}
+DEFAULT_CASES = {"torch": 500, "triton": 200, "fused_linear": 500}
+# seeds that once failed (+-1e4 logits, sequence-level IS: the loss from fp32 logps alone): always run
+REGRESSION_SEEDS = {"torch": (1266,), "triton": (100125, 100343, 100426), "fused_linear": ()}
 REGIMES = ("normal", "huge", "confident", "ties")
 FLOOR = 1e-6
 
@@ -102,17 +104,20 @@ def _inputs(seed: int, backend: str):
     hw = None
     if backend == "fused_linear":
         H = rng.choice([3, 8, 17])
+        # Inputs on a coarse dyadic grid: every product and partial sum is exact in fp32 (numerators
+        # < 2^24), so the forward GEMM is exact in any summation order, ours, eager's and fp64's give the
+        # same logits, and the comparison sees the kernel's numerics, not which of two fp32 GEMMs' roundings
+        # happened to land closer (with randn inputs that lottery decided 1 normal case in 2000: our logp,
+        # exact for our logits, 5.2e-6 off the fp64 truth through the GEMM alone, eager's 2.8e-6).
         if regime != "normal":
-            # small integers: every product and partial sum is exact in fp32 (|x| < 2^24), so the GEMM is
-            # exact in any summation order and the comparison sees the kernel's numerics, not the GEMM's
-            # (confident: gaps of tens between logits, so the top token holds nearly all the mass)
+            # small integers (confident: gaps of tens between logits, so the top token holds nearly all the mass)
             top = {"huge": 1000, "ties": 3, "confident": 8}[regime]
             h = torch.randint(-3, 4, (B, T, H), generator=g).double()
             w = torch.randint(-top, top + 1, (V, H), generator=g).double()
         else:
-            scale = 4.0 if regime == "confident" else 1.0
-            h = torch.randn(B, T, H, generator=g, dtype=torch.float64).float().double()
-            w = (torch.randn(V, H, generator=g, dtype=torch.float64) * scale).float().double()
+            # multiples of 1/16 in [-1, 1] and of 1/32 in [-2, 2]: logits of the usual size (std ~ sqrt(H) / 2)
+            h = torch.randint(-16, 17, (B, T, H), generator=g).double() / 16
+            w = torch.randint(-64, 65, (V, H), generator=g).double() / 32
         hw = (h, w)
         x = h @ w.T
     else:
@@ -209,8 +214,8 @@ def test_fuzz_against_eager(backend, monkeypatch):
     base = {"torch": 0, "triton": 100_000, "fused_linear": 200_000}[backend]
     worst: dict[str, float] = {}
     failures = []
-    for k in range(n):
-        seed = base + k
+    seeds = list(range(base, base + n)) + [s for s in REGRESSION_SEEDS[backend] if s >= base + n]
+    for seed in seeds:
         regime, ratio, bad = run_case(seed, backend, monkeypatch)
         worst[regime] = max(worst.get(regime, 0.0), ratio)
         if bad:
@@ -218,5 +223,6 @@ def test_fuzz_against_eager(backend, monkeypatch):
     report = os.environ.get("RERULE_FUZZ_REPORT")
     if report:
         with open(report, "a") as f:
-            f.write(json.dumps(dict(backend=backend, cases=n, worst=worst, failures=len(failures))) + "\n")
-    assert not failures, f"{len(failures)}/{n} cases worse than 2x eager fp32 + {FLOOR}:\n" + "\n".join(failures[:20])
+            f.write(json.dumps(dict(backend=backend, cases=len(seeds), worst=worst, failures=len(failures))) + "\n")
+    head = f"{len(failures)}/{len(seeds)} cases worse than 2x eager fp32 + {FLOOR}:\n"
+    assert not failures, head + "\n".join(failures[:20])
