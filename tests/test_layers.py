@@ -114,3 +114,30 @@ def test_the_layer_checks_can_fail(tmp_path):
     except graphlib.CycleError:
         return
     raise AssertionError("the cycle pkg.a <-> pkg.b was not detected")
+
+
+def test_repository_root_on_sys_path_does_not_shadow_the_pypi_kernels_package():
+    """``kernels/`` ships as rerule.kernels; with the checkout's root on sys.path (pytest, ``python -m``
+    from the checkout) ``import kernels`` must still give the PyPI package of that name (Hugging Face's,
+    which transformers >= 5 imports when it is installed), or fail as a missing package does."""
+    import importlib.metadata
+    import subprocess
+
+    try:
+        importlib.metadata.version("kernels")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import rerule.kernels.reference\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name); raise SystemExit\n"
+        "print('file', kernels.__file__)\n"
+        "import transformers.integrations.hub_kernels\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if installed:
+        assert out.stdout.startswith("file ") and str(ROOT / "kernels") not in out.stdout, out.stdout
+    else:
+        assert out.stdout.strip() == "missing kernels", out.stdout
