@@ -286,6 +286,16 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_file(path: str | Path, map_location="cpu"):
+    """``torch.load`` of one file the run wrote (weights only); a damaged or truncated file raises
+    :class:`CheckpointError` that names it, not the zip / pickle error."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a torch / zip / pickle error on a damaged file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path} cannot be read (damaged or truncated?): {type(e).__name__}: {first}") from e
+
+
 def load_checkpoint(path: str | Path, map_location="cpu", verify: bool = True) -> dict:
     """{"model": ..., "optimizer": ..., "state": ...} from a checkpoint directory, verified against its
     manifest first (a damaged file raises :class:`CheckpointError` naming it)."""
@@ -295,14 +305,14 @@ def load_checkpoint(path: str | Path, map_location="cpu", verify: bool = True) -
         raise CheckpointError(f"checkpoint {str(path)!r} is not usable: {why}")
     out = {}
     for part in PARTS:
+        if part != "model":
+            out[part] = load_file(path / f"{part}.pt", map_location)
+            continue
         try:
-            if part == "model":
-                out[part] = load_weights(path)
-            else:
-                out[part] = torch.load(path / f"{part}.pt", map_location=map_location, weights_only=True)
+            out[part] = load_weights(path)
         except CheckpointError:
             raise
-        except Exception as e:  # a torch / zip / pickle error on a damaged file
+        except Exception as e:  # a torch / zip / safetensors error on a damaged file
             raise CheckpointError(f"checkpoint file {path / part}.* cannot be read: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return out

@@ -293,7 +293,7 @@ class Dist:
         """The frozen KL reference under FSDP: ``template`` (a CPU copy of the policy taken before it was
         sharded) loaded with the reference weights, then sharded the same way."""
         if resuming and path.is_file():
-            template.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            template.load_state_dict(ckpt.load_file(path))
             full = None
         else:
             full = self.full_state_dict(model) if warm_started else template.state_dict()
@@ -351,7 +351,7 @@ class Dist:
         file = Path(path) / shard_name(self.rank)
         if not file.is_file():
             raise ValueError(f"checkpoint {str(path)!r} has no {file.name} for rank {self.rank}")
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return ckpt.load_file(file)
 
     def check_resume(self, path: Path | None) -> Path | None:
         """Rank 0's choice of checkpoint, refused with a clear message when it was written by another
@@ -359,7 +359,7 @@ class Dist:
         path = self.broadcast(None if path is None else str(path))
         if path is None:
             return None
-        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+        state = ckpt.load_file(Path(path) / "state.pt")
         saved = state.get("world_size", 1)
         if saved != self.world_size:
             raise ValueError(

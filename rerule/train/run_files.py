@@ -163,7 +163,7 @@ class RunFiles:
         ref = copy.deepcopy(self.model)
         warm = self.warm_start_stats.get("warm_start_steps", 0) > 0
         if resuming and path.is_file():
-            ref.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            ref.load_state_dict(ckpt.load_file(path, map_location=self.device))
         elif self.dist.is_main and warm:
             ckpt.atomic_save({k: v.detach().cpu() for k, v in ref.state_dict().items()}, path)
         # Without a warm start the reference is the initial model, which the config (or the caller) rebuilds

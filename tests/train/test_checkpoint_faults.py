@@ -205,3 +205,15 @@ def test_reference_not_stored_without_warm_start(tmp_path, capsys):
     assert "reference: the initial model (not stored)" in capsys.readouterr().out
     assert cli.main(["train", "--config", cfg, "--warm_start.epochs", "0", "--steps", "3", "--resume",
                      "--no-report"]) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_reference_is_one_clear_error(tmp_path, capsys, damage):
+    """reference.pt has no older copy to fall back to: a damaged one ends in one line that names it."""
+    out = tmp_path / "run"
+    cfg = _yaml(tmp_path, out)
+    assert cli.main(["train", "--config", cfg, "--no-report"]) == 0
+    ref = out / "reference.pt"
+    ref.write_bytes(ref.read_bytes()[: ref.stat().st_size // 2] if damage == "truncate" else b"not a checkpoint")
+    assert cli.main(["train", "--config", cfg, "--steps", "3", "--resume", "--no-report"]) == 2
+    assert "reference.pt" in _err(capsys)
