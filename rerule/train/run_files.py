@@ -9,8 +9,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from rerule.train import checkpoint as ckpt
 from rerule.train.config import TrainConfig
 from rerule.train.model import load_trainable_state_dict
