@@ -2,7 +2,8 @@
 
 Each case draws a shape, a logit regime (ordinary, +-1e4, one confident token, ties at the max), a
 temperature, a loss type, an IS level, the options and a mask (with fully masked rows), then runs one
-backend (torch, the Triton interpreter, or the fused-linear path) and the eager fp32 spec
+backend (torch, the Triton interpreter, the fused-linear path, or the CUDA kernels' row algorithm
+through the host emulator, with a random thread count and shared-memory cache) and the eager fp32 spec
 (``grpo_loss_reference`` on fp32 inputs, with autograd) on the same fp32 input, both against the
 fp64 spec. The rule (house style): on every output the backend's error is at most 2x eager fp32's
 plus 1e-6, where the error of a tensor is ``max_i |a_i - r_i| / (1 + |r_i|)`` (element-wise, never
@@ -32,15 +33,17 @@ from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
 
 N_CASES = int(os.environ.get("RERULE_FUZZ_CASES", "0"))
-DEFAULT_CASES = {"torch": 500, "triton": 200, "fused_linear": 500}
+DEFAULT_CASES = {"torch": 500, "triton": 200, "fused_linear": 500, "cuda": 1000}
 # seeds that once failed (+-1e4 logits, sequence-level IS: the loss from fp32 logps alone): always run
-REGRESSION_SEEDS = {"torch": (1266,), "triton": (100125, 100343, 100426), "fused_linear": ()}
+REGRESSION_SEEDS = {"torch": (1266,), "triton": (100125, 100343, 100426), "fused_linear": (), "cuda": ()}
+BASE_SEED = {"torch": 0, "triton": 100_000, "fused_linear": 200_000, "cuda": 300_000}
 REGIMES = ("normal", "huge", "confident", "ties")
 FLOOR = 1e-6
 
 
 def _draw(rng: random.Random, backend: str):
-    """One random case: (regime, B, T, V, options dict, which inputs, block)."""
+    """One random case: (regime, B, T, V, options dict, which inputs, block); block is RERULE_BLOCK_V, or
+    for cuda the (RERULE_CUDA_THREADS, RERULE_CUDA_CACHE_BYTES) pair (cache 0 = off, -1 = the whole row)."""
     regime = rng.choice(REGIMES)
     B, T = rng.randint(1, 3), rng.randint(1, 5)
     V = rng.choice([1, 2, 3, 7, 33, 50, 123, 257] if backend != "fused_linear" else [2, 7, 50, 123])
@@ -73,6 +76,8 @@ def _draw(rng: random.Random, backend: str):
     if opts["loss_type"] == "dr_grpo" and rng.random() < 0.5:
         opts["max_completion_length"] = T + rng.randint(0, 4)
     block = rng.choice([16, 32, 64, None])
+    if backend == "cuda":
+        block = (rng.choice([32, 64, 128]), rng.choice([0, -1]))
     return regime, B, T, V, opts, which, block
 
 
@@ -163,7 +168,11 @@ def _spec(case, dtype):
 
 def _backend(case, backend, monkeypatch):
     lp = {k: v.float() for k, v in case["lp"].items()}
-    if case["block"] is not None:
+    if backend == "cuda":
+        threads, cache = case["block"]
+        monkeypatch.setenv("RERULE_CUDA_THREADS", str(threads))
+        monkeypatch.setenv("RERULE_CUDA_CACHE_BYTES", str(cache))
+    elif case["block"] is not None:
         monkeypatch.setenv("RERULE_BLOCK_V", str(case["block"]))
     else:
         monkeypatch.delenv("RERULE_BLOCK_V", raising=False)
@@ -208,10 +217,12 @@ def run_case(seed, backend, monkeypatch):
     return regime, worst, bad
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "fused_linear"])
-def test_fuzz_against_eager(backend, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton", "fused_linear", "cuda"])
+def test_fuzz_against_eager(backend, monkeypatch, request):
+    if backend == "cuda":
+        request.getfixturevalue("emulated")  # skips where nvcc or cmake is absent
     n = N_CASES or DEFAULT_CASES[backend]
-    base = {"torch": 0, "triton": 100_000, "fused_linear": 200_000}[backend]
+    base = BASE_SEED[backend]
     worst: dict[str, float] = {}
     failures = []
     seeds = list(range(base, base + n)) + [s for s in REGRESSION_SEEDS[backend] if s >= base + n]
