@@ -27,7 +27,7 @@ import torch
 
 from .options import LossOptions
 
-ABI_VERSION = 3  # RERULE_CUDA_ABI_VERSION in kernels/csrc/rerule_grpo.h
+ABI_VERSION = 4  # RERULE_CUDA_ABI_VERSION in kernels/csrc/rerule_grpo.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LIB_NAME = "librerule_cuda.so"
 BUILD_HINT = (
@@ -47,7 +47,8 @@ class GrpoArgs(ctypes.Structure):
     _fields_ = [
         ("logits", _p), ("dlogits", _p), ("ids", _p), ("mask", _p), ("adv", _p), ("rw", _p),
         ("old_logp", _p), ("beh_logp", _p), ("ref_logp", _p),
-        ("logp", _p), ("lse", _p), ("row_max", _p), ("row_log_s", _p), ("entropy", _p), ("loss_tok", _p),
+        ("logp", _p), ("logp_lo", _p), ("lse", _p), ("row_max", _p), ("row_s", _p), ("row_q", _p), ("entropy", _p),
+        ("loss_tok", _p),
         ("B", _i64), ("T", _i64), ("V", _i64),
         ("stride_b", _i64), ("stride_t", _i64), ("stride_db", _i64), ("stride_dt", _i64),
         ("cache_bytes", _i64),
@@ -63,7 +64,8 @@ class GrpoGradArgs(ctypes.Structure):
     """RerGrpoGradArgs of rerule_grpo.h, field for field."""
 
     _fields_ = [
-        ("logits", _p), ("dlogits", _p), ("ids", _p), ("mask", _p), ("row_max", _p), ("row_log_s", _p), ("g", _p),
+        ("logits", _p), ("dlogits", _p), ("ids", _p), ("mask", _p), ("row_max", _p), ("row_s", _p), ("row_q", _p),
+        ("g", _p),
         ("B", _i64), ("T", _i64), ("V", _i64),
         ("stride_b", _i64), ("stride_t", _i64), ("stride_db", _i64), ("stride_dt", _i64),
         ("tau", _f32), ("dtype", _i32), ("threads", _i32), ("device", _i32),
@@ -116,14 +118,15 @@ _LIB: Library | None = None
 _LOCK = threading.Lock()
 
 
-# columns of the per-row statistics grpo_fwd returns and grpo_grad takes
-STATS_WIDTH = 2
+# columns of the per-row statistics grpo_fwd returns, as torch's and Triton's: (max, sum, sum without the
+# label, logp_lo); grpo_grad reads the first three
+STATS_WIDTH = 4
 
 
-def logp_lo(stats: torch.Tensor) -> None:
-    """The CUDA backend keeps no low part of the log-probs: its O(B*T) terms use the fp32 logp alone
-    (at |logits| ~ 1e4 the sequence-level loss is then rounded as eager fp32's is)."""
-    return None
+def logp_lo(stats: torch.Tensor) -> torch.Tensor:
+    """The low part of each log-prob from ``grpo_fwd``'s ``stats`` [B, T, 4]: logp + logp_lo is the log-prob
+    to ~1e-7 absolute at |logits| ~ 1e4 (see label_logp in kernels/csrc/grpo_row.cuh)."""
+    return stats[..., 3]
 
 
 def library_path() -> Path:
@@ -232,7 +235,7 @@ def fwd_args(
     beh_ = _rows("behavior_logps", behavior, torch.float32, N) if fused_loss else None
     ref_ = _rows("ref_logps", ref, torch.float32, N) if (fused_loss and has_ref) else None
     logp, lse = _empty((N,), torch.float32, dev), _empty((N,), torch.float32, dev)
-    stats = _empty((2, N), torch.float32, dev)  # row max and log-sum, kept for the gradient kernel
+    stats = _empty((STATS_WIDTH, N), torch.float32, dev)  # one contiguous [N] array per C pointer
     ent = _empty((N,), torch.float32, dev) if return_entropy else None
     loss_tok = _empty((N,), torch.float32, dev) if fused_loss else None
     grad = fused_loss and compute_grad
@@ -240,8 +243,8 @@ def fwd_args(
     args = GrpoArgs(
         logits=logits.data_ptr(), dlogits=_ptr(dx), ids=_ptr(ids_), mask=_ptr(mask_),
         adv=_ptr(adv_), rw=_ptr(rw_), old_logp=_ptr(old_), beh_logp=_ptr(beh_), ref_logp=_ptr(ref_),
-        logp=logp.data_ptr(), lse=lse.data_ptr(), row_max=stats[0].data_ptr(), row_log_s=stats[1].data_ptr(),
-        entropy=_ptr(ent), loss_tok=_ptr(loss_tok),
+        logp=logp.data_ptr(), logp_lo=stats[3].data_ptr(), lse=lse.data_ptr(), row_max=stats[0].data_ptr(),
+        row_s=stats[1].data_ptr(), row_q=stats[2].data_ptr(), entropy=_ptr(ent), loss_tok=_ptr(loss_tok),
         B=B, T=T, V=V, stride_b=logits.stride(0), stride_t=logits.stride(1),
         stride_db=dx.stride(0) if grad else 0, stride_dt=dx.stride(1) if grad else 0,
         cache_bytes=_env_int("RERULE_CUDA_CACHE_BYTES", -1),
@@ -255,7 +258,7 @@ def fwd_args(
     )
     shape = (B, T)
     outputs = (
-        logp.view(shape), stats.view(2, B, T).permute(1, 2, 0), None if ent is None else ent.view(shape),
+        logp.view(shape), stats.view(STATS_WIDTH, B, T).permute(1, 2, 0), None if ent is None else ent.view(shape),
         None if loss_tok is None else loss_tok.view(shape), dx,
     )
     return args, outputs, (ids_, mask_, adv_, rw_, old_, beh_, ref_, lse)  # lse: written, not returned
@@ -264,25 +267,27 @@ def fwd_args(
 def grad_args(
     lib: Library, logits, ids, mask, stats, g, temperature: float, inplace: bool, threads: int | None = None
 ):
-    """Allocate dlogits and fill a GrpoGradArgs. ``stats`` [B, T, 2] = (row max, log-sum) from grpo_fwd.
+    """Allocate dlogits and fill a GrpoGradArgs. ``stats`` [B, T, 4] = (row max, sum, sum without the label,
+    logp_lo) from grpo_fwd.
     Returns (args, dlogits, keep_alive)."""
     dtype = _check_logits(lib, logits, dict(completion_ids=ids, mask=mask, stats=stats, g=g))
     B, T, V = logits.shape
     N = B * T
     ids_, mask_ = _rows("completion_ids", ids, torch.int64, N), _rows("mask", mask, torch.int32, N)
-    if stats.shape[-1] != 2:
-        raise ValueError(f"stats must be the [B, T, 2] row statistics of cuda grpo_fwd, got {tuple(stats.shape)}")
-    mx_, ls_ = _rows("row_max", stats[..., 0], torch.float32, N), _rows("row_log_s", stats[..., 1], torch.float32, N)
+    if stats.shape[-1] != STATS_WIDTH:
+        raise ValueError(f"stats must be the [B, T, {STATS_WIDTH}] row statistics of cuda grpo_fwd, got "
+                         f"{tuple(stats.shape)}")
+    mx_, s_, q_ = (_rows(name, stats[..., i], torch.float32, N) for i, name in enumerate(("row_max", "row_s", "row_q")))
     g_ = _rows("g", g, torch.float32, N)
     dx = _grad_buffer(logits, inplace)
     args = GrpoGradArgs(
         logits=logits.data_ptr(), dlogits=dx.data_ptr(), ids=_ptr(ids_), mask=_ptr(mask_),
-        row_max=_ptr(mx_), row_log_s=_ptr(ls_), g=_ptr(g_),
+        row_max=_ptr(mx_), row_s=_ptr(s_), row_q=_ptr(q_), g=_ptr(g_),
         B=B, T=T, V=V, stride_b=logits.stride(0), stride_t=logits.stride(1),
         stride_db=dx.stride(0), stride_dt=dx.stride(1), tau=float(temperature), dtype=dtype,
         threads=threads or _env_int("RERULE_CUDA_THREADS", 0), device=logits.device.index or 0,
     )
-    return args, dx, (ids_, mask_, mx_, ls_, g_)
+    return args, dx, (ids_, mask_, mx_, s_, q_, g_)
 
 
 def grpo_fwd(
@@ -293,7 +298,8 @@ def grpo_fwd(
 
     ids/mask/rw/old/behavior/ref are [B, T]; adv is [B] fp32; ``tile`` = threads per block (None: auto).
     Returns (logp, stats, entropy or None, loss_tok or None, dlogits or None): fp32 [B, T] except stats
-    ([B, T, 2]: row max and log-sum of logits / tau, for ``grpo_grad``) and dlogits ([B, T, V] in the
+    ([B, T, 4]: row max, sum and sum without the label of exp(logits / tau - max), for ``grpo_grad``, and
+    ``logp_lo``) and dlogits ([B, T, V] in the
     logits dtype; the logits buffer itself when ``inplace``).
     """
     lib = _library_for(logits)

@@ -2,7 +2,8 @@
 // RERULE_CUDA_HOST_EMU=ON). It runs the same grpo_row.cuh code on host pointers, thread by
 // thread in the kernels' phase order, with the same launch policy (threads per block, shared-
 // memory cache size) and the same warp-shuffle merge tree. What it cannot check: the device-only
-// branches of grpo_row.cuh (__ldcs / __stcs / __expf), the barriers, and the launch itself.
+// branches of grpo_row.cuh (__ldcs / __stcs / __expf), the barriers, and the launch itself. The
+// per-row math of finish_row (expf / logf / log1pf, TwoSum) is the same source on both sides.
 //
 // Exports the library's API with the prefix rerule_emu_ instead of rerule_, so
 // kernels/cuda_grpo.py drives it through the same ctypes structs.
@@ -69,13 +70,14 @@ void fwd_emu(const RerGrpoArgs& a) {
     const int64_t label = a.ids[row];
     const RowLayout L = row_layout<T>(px, a.V);
     for (int tid = 0; tid < nth; ++tid)
-      parts[tid] = sweep1<T, ENT>(px, L, tid, nth, a.tau, cache.data(), cache_n, !grad);
+      parts[tid] = sweep1<T, ENT>(px, L, tid, nth, a.tau, label, cache.data(), cache_n, !grad);
     const Partial p = block_merge_emu<ENT>(parts);
-    const RowStats st = finish_row(a, tp, row, b, p, label_x(px, label, a.V, a.tau));
-    if (grad)
+    const GradScale gs = finish_row(a, tp, row, b, p, label, label_x(px, label, a.V, a.tau));
+    if (grad) {
       for (int tid = 0; tid < nth; ++tid)
-        sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.tau, st.shift, st.log_s, st.coef, label,
-                  cache.data(), cache_n);
+        sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.tau, gs, cache.data(), cache_n);
+      label_grad<T>(pdx, label, a.V, gs);
+    }
   }
 }
 
@@ -86,13 +88,14 @@ void grad_emu(const RerGrpoGradArgs& a) {
     const int64_t b = row / a.T, t = row - b * a.T;
     const T* px = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
     T* pdx = static_cast<T*>(a.dlogits) + b * a.stride_db + t * a.stride_dt;
-    for (int tid = 0; tid < nth; ++tid) {
-      if (a.mask[row] == 0)
-        zero_row<T>(pdx, row_layout<T>(pdx, a.V), tid, nth);
-      else
-        sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.tau, a.row_max[row], a.row_log_s[row],
-                  a.g[row] / a.tau, a.ids[row], nullptr, 0);
+    if (a.mask[row] == 0) {
+      for (int tid = 0; tid < nth; ++tid) zero_row<T>(pdx, row_layout<T>(pdx, a.V), tid, nth);
+      continue;
     }
+    const GradScale gs = grad_scale(a.row_max[row], a.row_s[row], a.row_q[row], a.g[row] / a.tau);
+    for (int tid = 0; tid < nth; ++tid)
+      sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.tau, gs, nullptr, 0);
+    label_grad<T>(pdx, a.ids[row], a.V, gs);
   }
 }
 

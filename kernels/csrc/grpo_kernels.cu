@@ -25,7 +25,7 @@ __device__ __forceinline__ Partial warp_merge(Partial p) {
   for (int off = 16; off > 0; off >>= 1) {
     Partial o;
     o.m = __shfl_xor_sync(0xffffffffu, p.m, off);
-    o.s = __shfl_xor_sync(0xffffffffu, p.s, off);
+    o.q = __shfl_xor_sync(0xffffffffu, p.q, off);
     o.t = ENT ? __shfl_xor_sync(0xffffffffu, p.t, off) : 0.f;
     p = partial_merge<ENT>(p, o);
   }
@@ -57,7 +57,7 @@ template <typename T, bool ENT>
 __global__ void __launch_bounds__(1024) grpo_fwd_kernel(const FwdParams P) {
   extern __shared__ uint4 smem_cache[];
   __shared__ Partial red[32];
-  __shared__ RowStats bcast;
+  __shared__ GradScale bcast;
   Pack<T>* cache = reinterpret_cast<Pack<T>*>(smem_cache);
   const RerGrpoArgs& a = P.a;
   const int tid = threadIdx.x, nth = blockDim.x;
@@ -73,18 +73,18 @@ __global__ void __launch_bounds__(1024) grpo_fwd_kernel(const FwdParams P) {
     }
     const int64_t label = a.ids[row];
     const RowLayout L = row_layout<T>(px, a.V);
-    Partial p = sweep1<T, ENT>(px, L, tid, nth, a.tau, cache, P.cache_n, !grad);
+    Partial p = sweep1<T, ENT>(px, L, tid, nth, a.tau, label, cache, P.cache_n, !grad);
     p = block_merge<ENT>(p, red);
     // x[label] is read before the barrier below: with dlogits == logits, sweep 2 overwrites it
-    if (tid == 0) bcast = finish_row(a, P.tp, row, b, p, label_x(px, label, a.V, a.tau));
+    if (tid == 0) bcast = finish_row(a, P.tp, row, b, p, label, label_x(px, label, a.V, a.tau));
     if (grad) {
       __syncthreads();
-      const RowStats st = bcast;
-      sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.tau, st.shift, st.log_s, st.coef, label,
-                cache, P.cache_n);
+      const GradScale gs = bcast;
+      sweep2<T>(px, pdx, L, same_alignment(px, pdx), tid, nth, a.tau, gs, cache, P.cache_n);
     }
-    // red / bcast are rewritten by the next row
+    // red / bcast are rewritten by the next row; every thread's sweep 2 is done
     __syncthreads();
+    if (grad && tid == 0) label_grad<T>(pdx, label, a.V, bcast);
   }
 }
 
@@ -99,8 +99,10 @@ __global__ void __launch_bounds__(1024) grpo_grad_kernel(const RerGrpoGradArgs a
       zero_row<T>(pdx, row_layout<T>(pdx, a.V), tid, nth);
       continue;
     }
-    sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.tau, a.row_max[row], a.row_log_s[row],
-              a.g[row] / a.tau, a.ids[row], nullptr, 0);
+    const GradScale gs = grad_scale(a.row_max[row], a.row_s[row], a.row_q[row], a.g[row] / a.tau);
+    sweep2<T>(px, pdx, row_layout<T>(px, a.V), same_alignment(px, pdx), tid, nth, a.tau, gs, nullptr, 0);
+    __syncthreads();
+    if (tid == 0) label_grad<T>(pdx, a.ids[row], a.V, gs);
   }
 }
 

@@ -5,11 +5,14 @@
 // A block owns a row of V logits. The row is split into an unaligned head (< 16 bytes), a body
 // of 16-byte chunks and a tail; chunk j belongs to thread j % nthreads in both sweeps, so a
 // thread only ever reads back the shared-memory cache slots it wrote itself.
-//   sweep 1: per-thread online (max m, sum exp s, sum exp * (x - m) t), merged across threads;
-//            the first cache_n chunks are kept in shared memory for sweep 2.
-//   finish:  thread 0 turns the merged partial into lse / logp / entropy and the per-token GRPO
-//            terms, and the gradient scale coef = rw * dloss/dlogp / tau.
-//   sweep 2: dlogits = coef * (onehot - exp((x - max) - log s)), from shared memory where cached.
+//   sweep 1: per-thread online (max m, and over the entries other than the label: sum exp q,
+//            sum exp * (x - m) t), merged across threads; the first cache_n chunks are kept in
+//            shared memory for sweep 2.
+//   finish:  thread 0 adds the label's term (s = q + exp(x_label - m)), turns that into lse / logp
+//            (with its low part logp_lo) / entropy and the per-token GRPO terms, and the gradient
+//            scale coef = rw * dloss/dlogp / tau.
+//   sweep 2: dlogits = coef * q / s at the label, -coef * exp(x - m) / s elsewhere, from shared
+//            memory where cached.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -170,25 +173,28 @@ RER_HD bool same_alignment(const void* a, const void* b) {
   return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15u) == 0;
 }
 
-// Online softmax state of a set of x = logits / tau: m = max, s = sum exp(x - m),
-// t = sum exp(x - m) * (x - m) (relative to m, so the entropy does not cancel at |x| ~ 1e4).
-// While m = -inf everything is shifted by 0 instead, so exp never sees -inf - -inf.
+// Online softmax state of a set of x = logits / tau: m = the max over the set, and over its entries
+// other than the label q = sum exp(x - m), t = sum exp(x - m) * (x - m) (relative to m, so the
+// entropy does not cancel at |x| ~ 1e4). The label's term is added once, by finish_row: then
+// 1 - p_label = q / s keeps its digits when the label holds nearly all the mass, where s - e_label
+// would cancel. While m = -inf everything is shifted by 0 instead, so exp never sees -inf - -inf.
 struct Partial {
-  float m, s, t;
+  float m, q, t;
 };
 
 RER_HD Partial partial_init() { return Partial{neg_inf(), 0.f, 0.f}; }
 
+// `skip`: the index of the label in y, or -1.
 template <int N, bool ENT>
-RER_HD void partial_add(Partial& P, const float (&y)[N]) {
+RER_HD void partial_add(Partial& P, const float (&y)[N], int skip) {
   float cm = y[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) cm = fmaxf(cm, y[k]);
   // Rescale only when the max grows: after the first chunks of a row this branch is rare.
   if (cm > P.m) {
     const float sc = fast_exp(P.m - cm);
-    if (ENT) P.t = sc * (P.t + (P.m == neg_inf() ? 0.f : P.s * (P.m - cm)));
-    P.s *= sc;
+    if (ENT) P.t = sc * (P.t + (P.m == neg_inf() ? 0.f : P.q * (P.m - cm)));
+    P.q *= sc;
     P.m = cm;
   }
   const float ms = P.m == neg_inf() ? 0.f : P.m;
@@ -196,38 +202,47 @@ RER_HD void partial_add(Partial& P, const float (&y)[N]) {
   for (int k = 0; k < N; ++k) {
     const float d = y[k] - ms;
     const float e = fast_exp(d);
-    P.s += e;
-    if (ENT) P.t += y[k] > neg_inf() ? e * d : 0.f;
+    const bool lab = k == skip;
+    P.q += lab ? 0.f : e;
+    if (ENT) P.t += (y[k] > neg_inf() && !lab) ? e * d : 0.f;
   }
 }
 
 template <bool ENT>
 RER_HD Partial partial_merge(const Partial& a, const Partial& b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == neg_inf()) return Partial{m, a.s + b.s, a.t + b.t};
+  if (m == neg_inf()) return Partial{m, a.q + b.q, a.t + b.t};
   const float sa = fast_exp(a.m - m), sb = fast_exp(b.m - m);
   Partial r;
   r.m = m;
-  r.s = a.s * sa + b.s * sb;
+  r.q = a.q * sa + b.q * sb;
   r.t = 0.f;
   if (ENT) {
-    const float ta = a.m == neg_inf() ? 0.f : sa * (a.t + a.s * (a.m - m));
-    const float tb = b.m == neg_inf() ? 0.f : sb * (b.t + b.s * (b.m - m));
+    const float ta = a.m == neg_inf() ? 0.f : sa * (a.t + a.q * (a.m - m));
+    const float tb = b.m == neg_inf() ? 0.f : sb * (b.t + b.q * (b.m - m));
     r.t = ta + tb;
   }
   return r;
 }
 
+// The index of the label within the W elements from e0 on, or -1: one 64-bit compare per chunk, not
+// one per element.
+template <int W>
+RER_HD int label_in_chunk(int64_t label, int64_t e0) {
+  const int64_t rel = label - e0;
+  return (rel >= 0 && rel < W) ? static_cast<int>(rel) : -1;
+}
+
 // Sweep 1 of one thread over its share of the row px[0, V).
 template <typename T, bool ENT>
-RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float tau, Pack<T>* cache,
+RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float tau, int64_t label, Pack<T>* cache,
                       int64_t cache_n, bool stream_all) {
   constexpr int W = Pack<T>::W;
   constexpr int U = 4;  // independent 16-byte loads in flight per thread
   Partial P = partial_init();
   if (tid < L.head) {
     const float y[1] = {to_f(px[tid]) / tau};
-    partial_add<1, ENT>(P, y);
+    partial_add<1, ENT>(P, y, tid == label ? 0 : -1);
   }
   const T* body = px + L.head;
   for (int64_t j0 = tid; j0 < L.nvec; j0 += static_cast<int64_t>(U) * nth) {
@@ -244,36 +259,46 @@ RER_HD Partial sweep1(const T* px, const RowLayout& L, int tid, int nth, float t
         if (j < cache_n) cache[j] = pk[u];
         float y[W];
         unpack(pk[u], y, tau);
-        partial_add<W, ENT>(P, y);
+        partial_add<W, ENT>(P, y, label_in_chunk<W>(label, L.head + j * W));
       }
     }
   }
   if (tid < L.tail) {
-    const float y[1] = {to_f(px[L.head + L.nvec * W + tid]) / tau};
-    partial_add<1, ENT>(P, y);
+    const int64_t e = L.head + L.nvec * W + tid;
+    const float y[1] = {to_f(px[e]) / tau};
+    partial_add<1, ENT>(P, y, e == label ? 0 : -1);
   }
   return P;
 }
 
-// d = coef * (onehot - p), written as Triton writes it: coef - p * coef on the label, -p * coef
-// elsewhere; y = x / tau and p = exp((y - shift) - log_s) with shift + log_s = lse. Both kernels
-// pass shift = the row max: y - max is exact where it matters, while lse itself is
+// d = coef * (onehot - p), written as Triton writes it: c * q on the label (1 - p = q / s from the
+// other terms, which keeps its digits when p ~ 1), -c * exp(y - shift) elsewhere, with c = coef / s,
+// y = x / tau and shift = the row max: y - max is exact where it matters, while an fp32 lse is
 // rounded to the ulp of the max (5e-4 at |x| ~ 1e4), which would show in every p of the row.
-RER_HD float grad_elem(float y, int64_t e, int64_t label, float shift, float log_s, float coef) {
-  const float p = fast_exp((y - shift) - log_s);
-  return e == label ? coef - p * coef : -p * coef;
+struct GradScale {
+  float shift;  // the row max (0 while it is -inf)
+  float c;      // coef / s
+  float cq;     // coef * q / s: the label's entry
+};
+
+RER_HD GradScale grad_scale(float shift, float s, float q, float coef) {
+  const float c = coef / s;
+  return GradScale{shift, c, c * q};
 }
+
+// Every entry but the label's (label_grad rewrites that one).
+RER_HD float grad_elem(float y, const GradScale& g) { return -g.c * fast_exp(y - g.shift); }
 
 // Sweep 2 of one thread: its chunks last-to-first, so the uncached end of the row, the part
 // loaded most recently in sweep 1, is re-read while it is most likely still in L2.
 template <typename T>
 RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int tid, int nth, float tau,
-                   float shift, float log_s, float coef, int64_t label, const Pack<T>* cache, int64_t cache_n) {
+                   const GradScale& g, const Pack<T>* cache, int64_t cache_n) {
   constexpr int W = Pack<T>::W;
   constexpr int U = 4;
   if (tid < L.tail) {
     const int64_t e = L.head + L.nvec * W + tid;
-    pdx[e] = from_f<T>(grad_elem(to_f(px[e]) / tau, e, label, shift, log_s, coef));
+    pdx[e] = from_f<T>(grad_elem(to_f(px[e]) / tau, g));
   }
   if (tid < L.nvec) {
     const T* body = px + L.head;
@@ -294,7 +319,7 @@ RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int 
         float d[W];
         unpack(pk[u], d, tau);
 #pragma unroll
-        for (int k = 0; k < W; ++k) d[k] = grad_elem(d[k], e0 + k, label, shift, log_s, coef);
+        for (int k = 0; k < W; ++k) d[k] = grad_elem(d[k], g);
         if (vec_store) {
           Pack<T> out;
           pack(d, out);
@@ -306,7 +331,15 @@ RER_HD void sweep2(const T* px, T* pdx, const RowLayout& L, bool vec_store, int 
       }
     }
   }
-  if (tid < L.head) pdx[tid] = from_f<T>(grad_elem(to_f(px[tid]) / tau, tid, label, shift, log_s, coef));
+  if (tid < L.head) pdx[tid] = from_f<T>(grad_elem(to_f(px[tid]) / tau, g));
+}
+
+// The label's entry, coef * q / s, over what sweep 2 wrote there: one thread, after a barrier that
+// follows every thread's sweep 2. Any test for the label inside sweep 2's loop costs registers (the
+// 16-bit gradient kernels spilled on sm_90 with one).
+template <typename T>
+RER_HD void label_grad(T* pdx, int64_t label, int64_t V, const GradScale& g) {
+  if (label >= 0 && label < V) pdx[label] = from_f<T>(g.cq);
 }
 
 // One thread's share of a zero gradient row (masked rows); L is the layout of pdx itself.
@@ -332,10 +365,12 @@ struct TokenTerms {
 };
 
 // The per-token GRPO terms, line for line the FUSED_LOSS block of triton_grpo._grpo_fwd_kernel
-// (torch's min / max / clamp tie conventions; see kernels/grpo_math.py for the derivation).
-RER_HD TokenTerms token_terms(float logp, float adv, float old, bool has_beh, float beh, bool has_ref, float ref,
+// (torch's min / max / clamp tie conventions; see kernels/grpo_math.py for the derivation), from the
+// log differences d_old = logp - old, d_beh = old - behavior and d_ref = ref - logp, each taken with
+// the pair logp + logp_lo (grpo_math._log_diffs).
+RER_HD TokenTerms token_terms(float d_old, float adv, bool has_beh, float d_beh, bool has_ref, float d_ref,
                               const TokenParams& p) {
-  const float r = expf(logp - old);
+  const float r = expf(d_old);
   const float cl = fminf(fmaxf(r, p.lo), p.hi);
   float g_ratio = adv * r;
   float rd = r;
@@ -354,16 +389,16 @@ RER_HD TokenTerms token_terms(float logp, float adv, float old, bool has_beh, fl
     ds = (neg && sur < floor_) ? 0.f : ((neg && sur == floor_) ? 0.5f * ds : ds);
     sur = neg ? fmaxf(sur, floor_) : sur;
   }
-  const float w = has_beh ? fminf(expf(old - beh), p.is_cap) : 1.f;
+  const float w = has_beh ? fminf(expf(d_beh), p.is_cap) : 1.f;
   TokenTerms out{-w * sur, -w * ds};
   if (has_ref) {
-    const float e = expf(ref - logp);
+    const float e = expf(d_ref);
     const float bw = p.w_kl ? p.beta * w : p.beta;
     if (p.kl_is) {
-      out.loss += bw * r * (e - (ref - logp) - 1.f);
-      out.dl += bw * r * (logp - ref);
+      out.loss += bw * r * (e - d_ref - 1.f);
+      out.dl -= bw * r * d_ref;
     } else {
-      out.loss += bw * (e - (ref - logp) - 1.f);
+      out.loss += bw * (e - d_ref - 1.f);
       out.dl += bw * (1.f - e);
     }
   }
@@ -375,37 +410,73 @@ inline TokenParams token_params(const RerGrpoArgs& a) {
                      a.has_delta != 0, a.has_dual != 0, a.bias_correction_kl != 0, a.is_weight_kl != 0};
 }
 
-struct RowStats {
-  float shift, log_s;  // lse = shift + log_s, shift = the row max (0 while it is -inf)
-  float coef;          // gradient scale rw * dloss/dlogp / tau
-};
-
-// Thread 0's work on an unmasked row once the partials are merged: writes logp / lse / entropy /
-// loss_tok. logp = (x_label - max) - log s, not x_label - lse: no rounding of lse at |x| ~ 1e4.
-RER_HD RowStats finish_row(const RerGrpoArgs& a, const TokenParams& tp, int64_t row, int64_t b, const Partial& P,
-                           float x_label) {
-  RowStats st{P.m == neg_inf() ? 0.f : P.m, logf(P.s), 0.f};
-  const float logp = (x_label - st.shift) - st.log_s;
-  a.logp[row] = logp;
-  a.lse[row] = st.shift + st.log_s;
-  if (a.row_max) a.row_max[row] = st.shift;
-  if (a.row_log_s) a.row_log_s[row] = st.log_s;
-  if (a.return_entropy) a.entropy[row] = st.log_s - P.t / P.s;
-  if (!a.fused_loss) return st;
-  const float old = a.old_logp ? a.old_logp[row] : logp;
-  const bool has_ref = a.ref_logp != nullptr;
-  const TokenTerms tt = token_terms(logp, a.adv[b], old, a.beh_logp != nullptr, a.beh_logp ? a.beh_logp[row] : 0.f,
-                                    has_ref, has_ref ? a.ref_logp[row] : 0.f, tp);
-  a.loss_tok[row] = tt.loss;
-  st.coef = a.rw[row] * tt.dl / a.tau;
-  return st;
+// The rounding error of s = fl(a + b): a + b = s + err exactly (Knuth's TwoSum, any magnitudes). Only
+// additions: nothing for the compiler to contract into an FMA.
+RER_HD float two_sum_err(float a, float b, float s) {
+  const float bb = s - a;
+  return (a - (s - bb)) + (b - bb);
 }
 
+struct LabelLogp {
+  float hi, lo;  // log p_label = hi + lo to ~1e-7 absolute
+};
+
+// torch_grpo.label_logp: hi = y_label + (y_err - log s), one rounding of x_label - max - log s (y_err is
+// the rounding error of y_label = x_label - max), and lo = the rounding error of that addition. At
+// |x| ~ 1e4 a correctly rounded fp32 logp is still ~5e-4 off; the O(B*T) terms take differences such
+// as logp - old, where that error is all that is left, so they use the pair. Where the label holds
+// nearly all the mass, log s rounds s = 1 + tiny and loses the digits: there -log1p(q / e_label), lo = 0.
+RER_HD LabelLogp label_logp(float y_label, float y_err, float e_label, float q, float log_s) {
+  const float z = q / e_label;
+  if (z < 1e-3f) return LabelLogp{-log1pf(z), 0.f};
+  const float t = y_err - log_s;
+  const float hi = y_label + t;
+  const float lo = two_sum_err(y_label, t, hi);
+  return LabelLogp{hi, std::isfinite(lo) ? lo : 0.f};
+}
+
+// Thread 0's work on an unmasked row once the partials are merged: writes logp / logp_lo / lse / the
+// row stats / entropy / loss_tok and returns the gradient's scale. The label's term uses the accurate
+// expf (once per row) where the sweeps use fast_exp.
+RER_HD GradScale finish_row(const RerGrpoArgs& a, const TokenParams& tp, int64_t row, int64_t b, const Partial& P,
+                            int64_t label, float x_label) {
+  const float shift = P.m == neg_inf() ? 0.f : P.m;
+  const float y_label = x_label - shift;
+  const float y_err_raw = two_sum_err(x_label, -shift, y_label);
+  const float y_err = y_err_raw == y_err_raw ? y_err_raw : 0.f;  // inf - inf: no correction
+  // an id outside the row (x_label NaN) adds nothing to s: lse stays finite, logp is NaN
+  const float e_label = (label >= 0 && label < a.V) ? expf(y_label) : 0.f;
+  const float s = P.q + e_label;
+  const float log_s = logf(s);
+  const LabelLogp lp = label_logp(y_label, y_err, e_label, P.q, log_s);
+  a.logp[row] = lp.hi;
+  a.lse[row] = shift + log_s;
+  if (a.logp_lo) a.logp_lo[row] = lp.lo;
+  if (a.row_max) a.row_max[row] = shift;
+  if (a.row_s) a.row_s[row] = s;
+  if (a.row_q) a.row_q[row] = P.q;
+  if (a.return_entropy) a.entropy[row] = log_s - (P.t + (e_label > 0.f ? e_label * y_label : 0.f)) / s;
+  if (!a.fused_loss) return GradScale{shift, 0.f, 0.f};
+  const float logp = lp.hi;
+  // no old: old is the same pair as logp, the log ratio exactly 0
+  const bool has_old = a.old_logp != nullptr, has_beh = a.beh_logp != nullptr, has_ref = a.ref_logp != nullptr;
+  const float old = has_old ? a.old_logp[row] : logp;
+  const float d_old = has_old ? (logp - old) + lp.lo : 0.f;
+  const float d_beh = !has_beh ? 0.f : has_old ? old - a.beh_logp[row] : (logp - a.beh_logp[row]) + lp.lo;
+  const float d_ref = has_ref ? (a.ref_logp[row] - logp) - lp.lo : 0.f;
+  const TokenTerms tt = token_terms(d_old, a.adv[b], has_beh, d_beh, has_ref, d_ref, tp);
+  a.loss_tok[row] = tt.loss;
+  return grad_scale(shift, s, P.q, a.rw[row] * tt.dl / a.tau);
+}
+
+// Masked rows: zeros, and s = 1 so that nothing downstream divides by 0.
 RER_HD void finish_masked_row(const RerGrpoArgs& a, int64_t row) {
   a.logp[row] = 0.f;
   a.lse[row] = 0.f;
+  if (a.logp_lo) a.logp_lo[row] = 0.f;
   if (a.row_max) a.row_max[row] = 0.f;
-  if (a.row_log_s) a.row_log_s[row] = 0.f;
+  if (a.row_s) a.row_s[row] = 1.f;
+  if (a.row_q) a.row_q[row] = 0.f;
   if (a.return_entropy) a.entropy[row] = 0.f;
   if (a.fused_loss) a.loss_tok[row] = 0.f;
 }
@@ -470,7 +541,8 @@ inline const char* check_rows(int32_t dtype, int64_t B, int64_t T, int64_t V, co
 inline const char* check_dx(int32_t dtype, int64_t B, int64_t T, int64_t V, const void* dx, int64_t sdb, int64_t sdt) {
   if (!dx) return "dlogits must not be NULL when a gradient is written";
   if (reinterpret_cast<uintptr_t>(dx) % elem_size(dtype)) return "dlogits must be aligned to its element size";
-  if (sdb < 0 || sdt < 0 || !rows_disjoint(B, T, V, sdb, sdt)) return "dlogits rows overlap (bad stride_db / stride_dt)";
+  if (sdb < 0 || sdt < 0 || !rows_disjoint(B, T, V, sdb, sdt))
+    return "dlogits rows overlap (bad stride_db / stride_dt)";
   return nullptr;
 }
 
@@ -492,7 +564,7 @@ inline const char* check_grad(const RerGrpoGradArgs& a) {
                                  a.ids, a.mask))
     return e;
   if (a.B * a.T == 0) return nullptr;
-  if (!a.row_max || !a.row_log_s || !a.g) return "row_max, row_log_s and g must not be NULL";
+  if (!a.row_max || !a.row_s || !a.row_q || !a.g) return "row_max, row_s, row_q and g must not be NULL";
   return check_dx(a.dtype, a.B, a.T, a.V, a.dlogits, a.stride_db, a.stride_dt);
 }
 

@@ -8,6 +8,8 @@
  * Spec: kernels/reference.py; the same algorithm as kernels/triton_grpo.py. Per row (b, t) of
  * logits [B, T, V] with element strides (stride_b, stride_t, 1), with x = logits / tau in fp32:
  *   lse = logsumexp(x), logp = x[label] - lse, entropy = -sum softmax(x) log softmax(x)
+ * with logp as an fp32 pair logp + logp_lo (~1e-7 absolute at |x| ~ 1e4, where a rounded fp32 logp is
+ * ~5e-4 off: the per-token terms take logp - old, old - behavior and ref - logp with the pair)
  * and, for token-level losses, loss_tok and dlogits = rw * dloss/dlogp * (onehot - softmax) / tau
  * in the logits dtype. Rows with mask 0 get zeros everywhere (and a zero gradient row).
  *
@@ -33,8 +35,8 @@ extern "C" {
 /* Bumped whenever a struct below or a function signature changes (2: bias_correction_kl, which
  * left sizeof(RerGrpoArgs) unchanged, so only the version tells the layouts apart; 3: tau instead of
  * 1 / tau, is_weight_kl, the row max / log-sum outputs and the gradient kernel's row_max / row_log_s
- * inputs in place of lse). */
-#define RERULE_CUDA_ABI_VERSION 3
+ * inputs in place of lse; 4: logp_lo, and the row sums row_s / row_q in place of row_log_s, in and out). */
+#define RERULE_CUDA_ABI_VERSION 4
 
 /* dtype codes of the logits (and of dlogits, which always has the logits dtype). */
 #define RERULE_DTYPE_F32 0
@@ -54,9 +56,11 @@ typedef struct RerGrpoArgs {
   const float* beh_logp;   /* [N] or NULL: NULL means w = 1 */
   const float* ref_logp;   /* [N] or NULL: NULL means no KL term */
   float* logp;             /* [N] out */
+  float* logp_lo;          /* [N] out or NULL: the low part of logp (0 where logp is -log1p(q / e_label)) */
   float* lse;              /* [N] out: logsumexp(logits / tau) */
   float* row_max;          /* [N] out or NULL: max of logits / tau (0 for an all -inf row) */
-  float* row_log_s;        /* [N] out or NULL: log sum exp(logits / tau - row_max); lse = row_max + row_log_s */
+  float* row_s;            /* [N] out or NULL: s = sum exp(logits / tau - row_max) (1 for a masked row) */
+  float* row_q;            /* [N] out or NULL: the same sum without the label's term (1 - p_label = q / s) */
   float* entropy;          /* [N] out, return_entropy only */
   float* loss_tok;         /* [N] out, fused_loss only */
   int64_t B, T, V;
@@ -87,8 +91,9 @@ typedef struct RerGrpoGradArgs {
   void* dlogits;           /* [B, T, V], strides (stride_db, stride_dt, 1); may equal logits */
   const int64_t* ids;      /* [N] */
   const int32_t* mask;     /* [N] */
-  const float* row_max;    /* [N] from rerule_grpo_fwd: p = exp((x / tau - row_max) - row_log_s), relative */
-  const float* row_log_s;  /* [N]    to the kept max, never through a rounded lse (exact at |x| ~ 1e4) */
+  const float* row_max;    /* [N] from rerule_grpo_fwd: p = exp(x / tau - row_max) / row_s, relative to the */
+  const float* row_s;      /* [N]    kept max, never through a rounded lse (exact at |x| ~ 1e4), and */
+  const float* row_q;      /* [N]    1 - p_label = row_q / row_s */
   const float* g;          /* [N] d loss / d logp */
   int64_t B, T, V;
   int64_t stride_b, stride_t;

@@ -86,8 +86,8 @@ def test_built_library_loads_checks_abi_and_rejects_bad_arguments(built):
 def test_library_of_another_abi_is_refused(built, monkeypatch):
     # ABI 2 added bias_correction_kl without changing sizeof(RerGrpoArgs): only the version
     # keeps a stale library from reading the flags at the wrong offsets
-    monkeypatch.setattr(cuda_grpo, "ABI_VERSION", 2)
-    with pytest.raises(RuntimeError, match=r"ABI 3, struct sizes .*expects ABI 2.*rebuild it"):
+    monkeypatch.setattr(cuda_grpo, "ABI_VERSION", 3)
+    with pytest.raises(RuntimeError, match=r"ABI 4, struct sizes .*expects ABI 3.*rebuild it"):
         cuda_grpo.Library(built / "librerule_cuda_emu.so", prefix="rerule_emu_", device_type="cpu")
 
 
@@ -331,9 +331,11 @@ def test_emulated_out_of_range_id_gives_nan_not_a_read(emulated):
     x = torch.randn(1, 2, 16)
     ids = torch.tensor([[3, 16]])
     mask = torch.ones(1, 2, dtype=torch.int32)
-    logp, lse, _, _, _ = cuda_grpo.grpo_fwd(x, ids, mask, None, None, None, None, None, LossOptions(),
-                                             False, False, False, False)
-    assert torch.isfinite(logp[0, 0]) and torch.isnan(logp[0, 1]) and torch.isfinite(lse).all()
+    logp, stats, _, _, _ = cuda_grpo.grpo_fwd(x, ids, mask, None, None, None, None, None, LossOptions(),
+                                               False, False, False, False)
+    assert torch.isfinite(logp[0, 0]) and torch.isnan(logp[0, 1]) and torch.isfinite(stats).all()
+    # no label inside the row: every term is in the sum without the label
+    assert stats[0, 1, 1] == stats[0, 1, 2]
 
 
 @needs_nvcc
@@ -392,3 +394,82 @@ def test_emulated_huge_logits_and_temperature_like_eager(level, emulated):
                                  ("logps", out.logps, eager[1], ref[1], 1.0),
                                  ("grad", grad, eager[4], ref[4], 8.0)):
         assert_like_eager(o_, e_, r_, what, scale=sc)
+
+
+def _huge_logit_case(seed=11, B=2, T=8, V=257):
+    """+-1e4 logits, several at the row max, and old log-probs within 0.05 of the exact ones."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 1e4).float()
+    x[..., :3] = 1e4
+    ids = torch.randint(3, V, (B, T), generator=g)
+    truth = torch.log_softmax(x.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = (truth + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    return x, ids, truth, old
+
+
+@needs_nvcc
+def test_emulated_logp_pair_and_stats_layout(emulated):
+    """logp + logp_lo is the log-prob of the fp32 logits to ~1e-6 where the fp32 logp alone is ~1e-3 off,
+    and the stats are torch's and Triton's columns (max, sum, sum without the label, logp_lo); masked rows
+    read (0, 1, 0, 0)."""
+    from rerule.kernels import torch_grpo
+    from rerule.kernels.options import LossOptions
+
+    x, ids, truth, _ = _huge_logit_case()
+    mask = torch.ones(ids.shape, dtype=torch.int32)
+    mask[1, 2] = 0
+    args = (x, ids, mask, None, None, None, None, None, LossOptions(), False, False, False, False)
+    logp, stats, _, _, _ = cuda_grpo.grpo_fwd(*args)
+    logp_t, stats_t, _, _, _ = torch_grpo.grpo_fwd(*args)
+    assert stats.shape == (2, 8, cuda_grpo.STATS_WIDTH) == stats_t.shape
+    assert torch.equal(cuda_grpo.logp_lo(stats), stats[..., 3])
+    valid = mask.bool()
+    pair = logp.double() + cuda_grpo.logp_lo(stats).double()
+    assert (logp.double() - truth)[valid].abs().max() > 1e-4  # the input is one where the low part matters
+    assert (pair - truth)[valid].abs().max() <= 2e-6, (pair - truth)[valid].abs().max()
+    assert torch.equal(stats[..., 0], stats_t[..., 0])
+    assert_close(stats[..., 1:3][valid], stats_t[..., 1:3][valid], 0.0, 1e-6, "row sums")
+    assert stats[1, 2].tolist() == [0.0, 1.0, 0.0, 0.0] and logp[1, 2] == 0
+
+
+@needs_nvcc
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_emulated_huge_logit_loss_is_exact_where_eager_fp32_is_not(level, emulated):
+    """At +-1e4 logits the loss depends on logp - old (O(1)); from the fp32 logps alone it carries their
+    ~5e-4 rounding (eager fp32 does, and so did the CUDA kernels before ABI 4)."""
+    x, ids, truth, old = _huge_logit_case(seed=12)
+    inputs = dict(logits=x, completion_ids=ids, completion_mask=torch.ones(ids.shape),
+                  advantages=torch.tensor([1.0, -0.7]), old_logps=old, ref_logps=(truth + 0.1).float())
+    opts = dict(importance_sampling_level=level, beta=0.3, epsilon_low=0.9, epsilon_high=10.0)
+    ref, eager = reference(inputs, **opts), reference(inputs, torch.float32, **opts)
+    x_ = x.clone().requires_grad_()
+    kw = {k: v for k, v in inputs.items() if k != "logits"}
+    out = grpo_loss(x_, **kw, **opts, impl="cuda")
+    out.loss.backward()
+    err = abs(out.loss.item() - ref[0].item())
+    assert abs(eager[0].item() - ref[0].item()) > 1e-5  # eager's error: what the test would miss
+    assert err <= 1e-6 * (1 + abs(ref[0].item())), (err, abs(eager[0].item() - ref[0].item()))
+    assert_like_eager(x_.grad, eager[4], ref[4], "grad", scale=float(ids.numel()))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_emulated_confident_label_keeps_its_digits(level, emulated):
+    """The label holds all but ~1e-9 of the mass: its gradient coef * (1 - p) comes from the sum of the
+    other terms (coef - p * coef would be 0 or an ulp of coef), and logp from -log1p(q / e_label)."""
+    def edit(x, ids):
+        x.scatter_(-1, ids.unsqueeze(-1), 25.0)
+
+    # on policy and no KL: d loss / d logp = -adv * rw, far from 0 on every token
+    inputs = make_inputs(2, 3, 301, seed=5, scale=1.0, edit=edit, old=False, behavior=False, ref=False)
+    opts = dict(importance_sampling_level=level)
+    ref = reference(inputs, **opts)
+    out, grad = _run(inputs, **opts)
+    ids, valid = inputs["completion_ids"], inputs["completion_mask"].bool()
+    g_lab = grad.double().gather(-1, ids.unsqueeze(-1)).squeeze(-1)[valid]
+    r_lab = ref[4].gather(-1, ids.unsqueeze(-1)).squeeze(-1)[valid]
+    assert (r_lab.abs() > 0).all()
+    assert ((g_lab - r_lab).abs() <= 1e-5 * r_lab.abs()).all(), (g_lab, r_lab)
+    lp = out.logps.double()[valid]
+    assert ((lp - ref[1][valid]).abs() <= 1e-5 * ref[1][valid].abs()).all()
+    _check(out, grad, ref)
