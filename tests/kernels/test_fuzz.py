@@ -33,7 +33,7 @@ from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
 
 N_CASES = int(os.environ.get("RERULE_FUZZ_CASES", "0"))
-DEFAULT_CASES = {"torch": 500, "triton": 200, "fused_linear": 500, "cuda": 1000}
+DEFAULT_CASES = {"torch": 500, "triton": 200, "fused_linear": 500, "cuda": 2000}
 # seeds that once failed (+-1e4 logits, sequence-level IS: the loss from fp32 logps alone): always run
 REGRESSION_SEEDS = {"torch": (1266,), "triton": (100125, 100343, 100426), "fused_linear": (), "cuda": ()}
 BASE_SEED = {"torch": 0, "triton": 100_000, "fused_linear": 200_000, "cuda": 300_000}
