@@ -7,7 +7,8 @@
 * the kernels' row algorithm (kernels/csrc/grpo_row.cuh), replayed thread by thread on the CPU by
   the host emulator (grpo_emu.cu) and driven through the same ctypes marshalling, matches the fp64
   spec through ``grpo_loss(..., impl="cuda")``: options, awkward and misaligned shapes, masks,
-  extreme logits, bf16/fp16, in place, the shared-memory cache on, off and partial.
+  extreme logits (the logp pair at +-1e4, a label holding nearly all the mass), bf16/fp16, in place,
+  the shared-memory cache on, off and partial.
 
 What only a GPU can check (bench/cuda_check.py, bench/cuda_memcheck.sh): the device-only
 branches (__ldcs/__stcs/__expf), the block reduction and barriers, and the launches.
