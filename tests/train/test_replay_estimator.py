@@ -57,9 +57,12 @@ def test_on_policy_point_is_grpo():
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_row_weight_one_is_the_on_policy_gradient_bit_for_bit(level):
-    """At pi = mu the replay loss (behavior channel carrying G p_i = 1) has the on-policy GRPO
-    loss and gradient bit for bit, fp64 logits, the same advantages."""
+def test_row_weight_one_is_the_on_policy_gradient(level):
+    """At pi = mu the replay loss (behavior channel carrying G p_i = 1) has the on-policy GRPO loss and
+    gradient, fp64 logits, the same advantages (bit for bit: the estimator's row weights are exactly 1).
+    The kernel takes old - behavior against its logp pair (logp + logp_lo, docs/kernels.md), while the
+    encoding behavior = cur - log(w) holds the fp32 logp: w arrives as exp(logp_lo) = 1 + O(1e-7), so
+    loss and gradient agree to that, element by element, not to the bit."""
     B, T, V = 2 * G, 6, 37
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 4
@@ -78,8 +81,9 @@ def test_row_weight_one_is_the_on_policy_gradient_bit_for_bit(level):
                        is_cap=float(G), **kw)
     on.loss.backward()
     replay.loss.backward()
-    assert torch.equal(on.loss, replay.loss)
-    assert torch.equal(x1.grad, x2.grad)
+    torch.testing.assert_close(replay.loss, on.loss, rtol=2e-6, atol=0)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=2e-6, atol=1e-12)
+    assert not torch.equal(x1.grad, torch.zeros_like(x1.grad))
 
 
 def test_one_sgd_step_moves_logps_with_the_advantage_sign():
