@@ -86,3 +86,14 @@ def assert_grad_close(a, b, tol, what="grad", tokens=None):
     everywhere)."""
     n = tokens if tokens is not None else (a.shape[0] * a.shape[1] if a.dim() >= 2 else 1)
     assert_close(a.double() * n, b.double() * n, tol, tol, what)
+
+
+def huge_logit_case(seed=11, B=2, T=8, V=257):
+    """+-1e4 logits, several at the row max, and old log-probs within 0.05 of the exact ones."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 1e4).float()
+    x[..., :3] = 1e4
+    ids = torch.randint(3, V, (B, T), generator=g)
+    truth = torch.log_softmax(x.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = (truth + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    return x, ids, truth, old

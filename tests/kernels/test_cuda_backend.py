@@ -29,7 +29,14 @@ from hypothesis import strategies as st
 
 import rerule.kernels.cuda_grpo as cuda_grpo
 from rerule import grpo_loss, token_logps
-from tests.kernels._grpo_cases import assert_close, assert_grad_close, assert_like_eager, make_inputs, reference
+from tests.kernels._grpo_cases import (
+    assert_close,
+    assert_grad_close,
+    assert_like_eager,
+    huge_logit_case,
+    make_inputs,
+    reference,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "kernels" / "csrc" / "rerule_grpo.h"
@@ -397,17 +404,6 @@ def test_emulated_huge_logits_and_temperature_like_eager(level, emulated):
         assert_like_eager(o_, e_, r_, what, scale=sc)
 
 
-def _huge_logit_case(seed=11, B=2, T=8, V=257):
-    """+-1e4 logits, several at the row max, and old log-probs within 0.05 of the exact ones."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 1e4).float()
-    x[..., :3] = 1e4
-    ids = torch.randint(3, V, (B, T), generator=g)
-    truth = torch.log_softmax(x.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    old = (truth + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
-    return x, ids, truth, old
-
-
 @needs_nvcc
 def test_emulated_logp_pair_and_stats_layout(emulated):
     """logp + logp_lo is the log-prob of the fp32 logits to ~1e-6 where the fp32 logp alone is ~1e-3 off,
@@ -416,7 +412,7 @@ def test_emulated_logp_pair_and_stats_layout(emulated):
     from rerule.kernels import torch_grpo
     from rerule.kernels.options import LossOptions
 
-    x, ids, truth, _ = _huge_logit_case()
+    x, ids, truth, _ = huge_logit_case()
     mask = torch.ones(ids.shape, dtype=torch.int32)
     mask[1, 2] = 0
     args = (x, ids, mask, None, None, None, None, None, LossOptions(), False, False, False, False)
@@ -438,7 +434,7 @@ def test_emulated_logp_pair_and_stats_layout(emulated):
 def test_emulated_huge_logit_loss_is_exact_where_eager_fp32_is_not(level, emulated):
     """At +-1e4 logits the loss depends on logp - old (O(1)); from the fp32 logps alone it carries their
     ~5e-4 rounding (eager fp32 does, and so did the CUDA kernels before ABI 4)."""
-    x, ids, truth, old = _huge_logit_case(seed=12)
+    x, ids, truth, old = huge_logit_case(seed=12)
     inputs = dict(logits=x, completion_ids=ids, completion_mask=torch.ones(ids.shape),
                   advantages=torch.tensor([1.0, -0.7]), old_logps=old, ref_logps=(truth + 0.1).float())
     opts = dict(importance_sampling_level=level, beta=0.3, epsilon_low=0.9, epsilon_high=10.0)

@@ -9,7 +9,7 @@ import rerule.kernels.triton_grpo as triton_grpo
 from rerule import grpo_loss
 from rerule.kernels.grpo_loss import backend_module
 from rerule.kernels.options import LossOptions
-from tests.kernels._grpo_cases import assert_close, assert_like_eager, make_inputs, reference
+from tests.kernels._grpo_cases import assert_close, assert_like_eager, huge_logit_case, make_inputs, reference
 
 # (name, options, which log-prob inputs exist)
 CASES = [
@@ -324,22 +324,11 @@ def test_single_confident_token_keeps_one_minus_p(impl, level):
     assert_close(out.logps, ref[1], 1e-12, 1e-5, "logps")  # -3.7e-13, not 0 or -6e-8
 
 
-def _huge_logit_case(seed=11, B=2, T=8, V=257):
-    """+-1e4 logits, several at the row max, and old log-probs within 0.05 of the exact ones."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 1e4).float()
-    x[..., :3] = 1e4
-    ids = torch.randint(3, V, (B, T), generator=g)
-    truth = torch.log_softmax(x.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    old = (truth + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
-    return x, ids, truth, old
-
-
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_logp_pair_carries_the_digits_fp32_rounds_off(impl):
     """logp + logp_lo is the log-prob of the fp32 logits to ~1e-6, where the correctly rounded fp32
     logp alone is up to half an ulp of 2e4 (~1e-3) off."""
-    x, ids, truth, _ = _huge_logit_case()
+    x, ids, truth, _ = huge_logit_case()
     backend = backend_module(impl)
     mask = torch.ones(ids.shape, dtype=torch.int32)
     logp, stats, _, _, _ = backend.grpo_fwd(x, ids, mask, None, None, None, None, None, LossOptions(), False,
@@ -354,7 +343,7 @@ def test_logp_pair_carries_the_digits_fp32_rounds_off(impl):
 def test_huge_logit_loss_is_exact_where_eager_fp32_is_not(impl, level):
     """At +-1e4 logits the loss depends on logp - old (O(1)); from the fp32 logps alone it would carry
     their ~5e-4 rounding (eager fp32 does, and so did the kernels before the logp pair)."""
-    x, ids, truth, old = _huge_logit_case(seed=12)
+    x, ids, truth, old = huge_logit_case(seed=12)
     inputs = dict(logits=x, completion_ids=ids, completion_mask=torch.ones(ids.shape),
                   advantages=torch.tensor([1.0, -0.7]), old_logps=old, ref_logps=(truth + 0.1).float())
     opts = dict(importance_sampling_level=level, beta=0.3, epsilon_low=0.9, epsilon_high=10.0)
