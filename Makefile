@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rerule-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test demo bench bench-gpu lint smollm2 clean
+.PHONY: setup test fuzz demo bench bench-gpu lint smollm2 clean
 
 $(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -14,6 +14,11 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+
+# The long differential fuzz of the loss kernels (make test runs a seeded subset): FUZZ_CASES per backend.
+FUZZ_CASES ?= 2000
+fuzz: $(STAMP)
+	RERULE_FUZZ_CASES=$(FUZZ_CASES) $(PY) -m pytest -q tests/kernels/test_fuzz.py
 
 demo: $(STAMP)
 	$(PY) -m rerule demo
