@@ -149,6 +149,26 @@ def _label_logp(y_label, y_err, s, q):
 
 
 @triton.jit
+def _k3(d):
+    """(kl, expm1(d)) of the k3 KL at d = ref - logp without cancellation: below |d| = 0.5 from the series
+    of exp(d) - 1 - d (1/k!, k = 2..10; grpo_math.k3_terms is the same in torch), else exp(d) - 1."""
+    small = tl.abs(d) < 0.5
+    ds = tl.where(small, d, 0.0)
+    c = 2.755731922398589e-07
+    c = c * ds + 2.7557319223985893e-06
+    c = c * ds + 2.48015873015873e-05
+    c = c * ds + 0.0001984126984126984
+    c = c * ds + 0.001388888888888889
+    c = c * ds + 0.008333333333333333
+    c = c * ds + 0.041666666666666664
+    c = c * ds + 0.16666666666666666
+    c = c * ds + 0.5
+    kl_small = ds * ds * c
+    em1 = tl.where(small, ds + kl_small, tl.exp(d) - 1.0)
+    return tl.where(small, kl_small, em1 - d), em1
+
+
+@triton.jit
 def _grad_block(b_x, is_lab, m, c, cq):
     """dx = coef * (onehot - exp(x - m) / s) for one block, with c = coef / s and cq = coef * q / s:
     at the label 1 - p = q / s is taken from the sum of the other terms, so it keeps its digits."""
@@ -280,16 +300,16 @@ def _fwd_row(
             dl = -w * ds
             if HAS_REF:
                 d_ref = (tl.load(REF + i_n).to(tl.float32) - logp) - logp_lo
-                e = tl.exp(d_ref)
+                kl, em1 = _k3(d_ref)
                 bw = beta
                 if W_KL:
                     bw = beta * w
                 if KL_IS:
-                    loss += bw * r * (e - d_ref - 1.0)
+                    loss += bw * r * kl
                     dl -= bw * r * d_ref
                 else:
-                    loss += bw * (e - d_ref - 1.0)
-                    dl += bw * (1.0 - e)
+                    loss += bw * kl
+                    dl -= bw * em1
             tl.store(LOSS + i_n, loss)
             if COMPUTE_GRAD:
                 _row_grad(X, off, DX, off_dx, head, label, m, s, q, tl.load(RW + i_n) * dl, V, tau, DX_ALIGNED,

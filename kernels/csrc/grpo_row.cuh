@@ -364,6 +364,31 @@ struct TokenTerms {
   float dl;    // d loss_tok / d logp
 };
 
+struct K3 {
+  float kl;   // exp(d) - d - 1
+  float em1;  // expm1(d) = -(d kl / d logp)
+};
+
+// The k3 KL at d = ref - logp without cancellation (grpo_math.k3_terms, triton_grpo._k3): below |d| = 0.5
+// from the series of exp(d) - 1 - d (1/k!, k = 2..10), where exp(d) - d - 1 and 1 - exp(d) would lose
+// their digits to the rounding of exp(d); else from exp(d) - 1.
+RER_HD K3 k3_terms(float d) {
+  const bool small = fabsf(d) < 0.5f;
+  const float ds = small ? d : 0.f;
+  float c = 2.755731922398589e-07f;
+  c = c * ds + 2.7557319223985893e-06f;
+  c = c * ds + 2.48015873015873e-05f;
+  c = c * ds + 0.0001984126984126984f;
+  c = c * ds + 0.001388888888888889f;
+  c = c * ds + 0.008333333333333333f;
+  c = c * ds + 0.041666666666666664f;
+  c = c * ds + 0.16666666666666666f;
+  c = c * ds + 0.5f;
+  const float kl_small = ds * ds * c;
+  const float em1 = small ? ds + kl_small : expf(d) - 1.f;
+  return K3{small ? kl_small : em1 - d, em1};
+}
+
 // The per-token GRPO terms, line for line the FUSED_LOSS block of triton_grpo._grpo_fwd_kernel
 // (torch's min / max / clamp tie conventions; see kernels/grpo_math.py for the derivation), from the
 // log differences d_old = logp - old, d_beh = old - behavior and d_ref = ref - logp, each taken with
@@ -392,14 +417,14 @@ RER_HD TokenTerms token_terms(float d_old, float adv, bool has_beh, float d_beh,
   const float w = has_beh ? fminf(expf(d_beh), p.is_cap) : 1.f;
   TokenTerms out{-w * sur, -w * ds};
   if (has_ref) {
-    const float e = expf(d_ref);
+    const K3 k = k3_terms(d_ref);
     const float bw = p.w_kl ? p.beta * w : p.beta;
     if (p.kl_is) {
-      out.loss += bw * r * (e - d_ref - 1.f);
+      out.loss += bw * r * k.kl;
       out.dl -= bw * r * d_ref;
     } else {
-      out.loss += bw * (e - d_ref - 1.f);
-      out.dl += bw * (1.f - e);
+      out.loss += bw * k.kl;
+      out.dl -= bw * k.em1;
     }
   }
   return out;

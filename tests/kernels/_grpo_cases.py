@@ -97,3 +97,28 @@ def huge_logit_case(seed=11, B=2, T=8, V=257):
     truth = torch.log_softmax(x.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     old = (truth + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
     return x, ids, truth, old
+
+
+def near_reference_kl_case(level: str):
+    """(inputs, options) where ref = logp + d with small dyadic d and logp = -100 exactly (max 0, the label
+    100 below, the rest further, so the row sum is 1 in fp32): every input is exact, the advantages are 0,
+    and the loss and gradient are the k3 KL's alone."""
+    B, T, V = 2, 16, 9
+    logits = torch.full((B, T, V), -300.0)
+    logits[..., 0] = 0.0
+    logits[..., 5] = -100.0
+    ids = torch.full((B, T), 5)
+    k = torch.tensor([1.0, -1, 2, -2, 3, -3, 5, -5, 8, -8, 13, -13, 21, -21, 34, -34])
+    ref = (-100.0 + k * 2.0**-12).expand(B, T).contiguous()
+    inputs = dict(logits=logits, completion_ids=ids, completion_mask=torch.ones(B, T),
+                  advantages=torch.zeros(B), ref_logps=ref)
+    return inputs, dict(beta=1.0, importance_sampling_level=level)
+
+
+def check_near_reference_kl(loss, grad, truth, eager, tol=2e-6):
+    """The label's gradient (= the per-token KL gradient) and the loss within ``tol`` relative of the fp64
+    spec, where eager fp32's textbook exp(d) - d - 1 / 1 - exp(d) is off by more than 1e-5."""
+    rel = lambda a, r: ((a.double() - r).abs() / r.abs().clamp(min=1e-300)).max().item()
+    assert rel(eager[4][..., 5], truth[4][..., 5]) > 1e-5  # what the textbook form loses
+    assert rel(grad[..., 5], truth[4][..., 5]) <= tol, rel(grad[..., 5], truth[4][..., 5])
+    assert rel(loss.detach(), truth[0]) <= tol, (rel(loss.detach(), truth[0]), rel(eager[0], truth[0]))

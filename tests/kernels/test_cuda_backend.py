@@ -33,8 +33,10 @@ from tests.kernels._grpo_cases import (
     assert_close,
     assert_grad_close,
     assert_like_eager,
+    check_near_reference_kl,
     huge_logit_case,
     make_inputs,
+    near_reference_kl_case,
     reference,
 )
 
@@ -470,3 +472,14 @@ def test_emulated_confident_label_keeps_its_digits(level, emulated):
     lp = out.logps.double()[valid]
     assert ((lp - ref[1][valid]).abs() <= 1e-5 * ref[1][valid].abs()).all()
     _check(out, grad, ref)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_emulated_kl_near_the_reference_keeps_its_digits(level, emulated):
+    """The k3 KL and its gradient from the series of exp(d) - 1 - d (k3_terms in grpo_row.cuh), as in
+    torch and Triton: near the reference the textbook forms cancel in fp32."""
+    inputs, opts = near_reference_kl_case(level)
+    truth, eager = reference(inputs, **opts), reference(inputs, torch.float32, **opts)
+    out, grad = _run(inputs, **opts)
+    check_near_reference_kl(out.loss, grad, truth, eager)

@@ -2,8 +2,9 @@
 
 Each case draws a shape, a logit regime (ordinary, +-1e4, one confident token, ties at the max), a
 temperature, a loss type, an IS level, the options and a mask (with fully masked rows), then runs one
-backend (torch, the Triton interpreter, the fused-linear path, or the CUDA kernels' row algorithm
-through the host emulator, with a random thread count and shared-memory cache) and the eager fp32 spec
+backend (torch, the Triton interpreter, the fused-linear path over the torch or the Triton backend, or
+the CUDA kernels' row algorithm through the host emulator, with a random thread count and shared-memory
+cache) and the eager fp32 spec
 (``grpo_loss_reference`` on fp32 inputs, with autograd) on the same fp32 input, both against the
 fp64 spec. The rule (house style): on every output the backend's error is at most 2x eager fp32's
 plus 1e-6, where the error of a tensor is ``max_i |a_i - r_i| / (1 + |r_i|)`` (element-wise, never
@@ -33,10 +34,11 @@ from rerule.kernels.options import LossOptions
 from rerule.kernels.reference import grpo_loss_reference
 
 N_CASES = int(os.environ.get("RERULE_FUZZ_CASES", "0"))
-DEFAULT_CASES = {"torch": 500, "triton": 200, "fused_linear": 500, "cuda": 2000}
+DEFAULT_CASES = {"torch": 500, "triton": 200, "fused_linear": 500, "fused_linear_triton": 100, "cuda": 2000}
 # seeds that once failed (+-1e4 logits, sequence-level IS: the loss from fp32 logps alone): always run
-REGRESSION_SEEDS = {"torch": (1266,), "triton": (100125, 100343, 100426), "fused_linear": (), "cuda": ()}
-BASE_SEED = {"torch": 0, "triton": 100_000, "fused_linear": 200_000, "cuda": 300_000}
+REGRESSION_SEEDS = {"torch": (1266,), "triton": (100125, 100343, 100426), "fused_linear": (), "fused_linear_triton": (),
+                    "cuda": ()}
+BASE_SEED = {"torch": 0, "triton": 100_000, "fused_linear": 200_000, "cuda": 300_000, "fused_linear_triton": 400_000}
 REGIMES = ("normal", "huge", "confident", "ties")
 FLOOR = 1e-6
 
@@ -46,7 +48,7 @@ def _draw(rng: random.Random, backend: str):
     for cuda the (RERULE_CUDA_THREADS, RERULE_CUDA_CACHE_BYTES) pair (cache 0 = off, -1 = the whole row)."""
     regime = rng.choice(REGIMES)
     B, T = rng.randint(1, 3), rng.randint(1, 5)
-    V = rng.choice([1, 2, 3, 7, 33, 50, 123, 257] if backend != "fused_linear" else [2, 7, 50, 123])
+    V = rng.choice([1, 2, 3, 7, 33, 50, 123, 257] if not backend.startswith("fused_linear") else [2, 7, 50, 123])
     if regime in ("confident", "ties") and V < 2:
         V = 3
     # Outside the ordinary regime, temperatures are powers of two: there x / tau is exact in fp32. With
@@ -107,7 +109,7 @@ def _inputs(seed: int, backend: str):
         mask[rng.randrange(B)] = 0  # a fully masked row
     adv = torch.randn(B, generator=g, dtype=torch.float64).float().double()
     hw = None
-    if backend == "fused_linear":
+    if backend.startswith("fused_linear"):
         H = rng.choice([3, 8, 17])
         # Inputs on a coarse dyadic grid: every product and partial sum is exact in fp32 (numerators
         # < 2^24), so the forward GEMM is exact in any summation order, ours, eager's and fp64's give the
@@ -178,9 +180,10 @@ def _backend(case, backend, monkeypatch):
         monkeypatch.delenv("RERULE_BLOCK_V", raising=False)
     common = dict(completion_mask=case["mask"], advantages=case["adv"].float(), **lp, **case["opts"],
                   return_entropy=True)
-    if backend == "fused_linear":
+    if backend.startswith("fused_linear"):
         h, w = (t.float().requires_grad_() for t in case["hw"])
-        out = fused_linear_grpo_loss(h, w, case["ids"], impl="torch", **common)
+        impl = "triton" if backend == "fused_linear_triton" else "torch"
+        out = fused_linear_grpo_loss(h, w, case["ids"], impl=impl, **common)
         grads = torch.autograd.grad(out.loss, [h, w])
     else:
         x = case["x"].float().requires_grad_()
@@ -217,7 +220,7 @@ def run_case(seed, backend, monkeypatch):
     return regime, worst, bad
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "fused_linear", "cuda"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "fused_linear", "fused_linear_triton", "cuda"])
 def test_fuzz_against_eager(backend, monkeypatch, request):
     if backend == "cuda":
         request.getfixturevalue("emulated")  # skips where nvcc or cmake is absent

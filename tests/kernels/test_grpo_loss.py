@@ -9,7 +9,15 @@ import rerule.kernels.triton_grpo as triton_grpo
 from rerule import grpo_loss
 from rerule.kernels.grpo_loss import backend_module
 from rerule.kernels.options import LossOptions
-from tests.kernels._grpo_cases import assert_close, assert_like_eager, huge_logit_case, make_inputs, reference
+from tests.kernels._grpo_cases import (
+    assert_close,
+    assert_like_eager,
+    check_near_reference_kl,
+    huge_logit_case,
+    make_inputs,
+    near_reference_kl_case,
+    reference,
+)
 
 # (name, options, which log-prob inputs exist)
 CASES = [
@@ -354,3 +362,15 @@ def test_huge_logit_loss_is_exact_where_eager_fp32_is_not(impl, level):
     assert abs(eager[0].item() - ref[0].item()) > 1e-5  # eager's error: what the test would miss
     assert err <= 1e-6 * (1 + abs(ref[0].item())), (err, abs(eager[0].item() - ref[0].item()))
     assert_like_eager(xg.grad, eager[4], ref[4], "grad", scale=float(ids.numel()))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_kl_near_the_reference_keeps_its_digits(impl, level):
+    """ref = logp + d with small d: exp(d) - d - 1 ~ d^2 / 2 and its gradient 1 - exp(d) ~ -d cancel in fp32
+    (eager's rounding of exp(d) is up to 2.5e-4 of 1 - exp(d) at d = 2.4e-4); from the series of
+    exp(d) - 1 - d they keep their digits (``near_reference_kl_case``: every input exact)."""
+    inputs, opts = near_reference_kl_case(level)
+    truth, eager = reference(inputs, **opts), reference(inputs, torch.float32, **opts)
+    out, x = _run(inputs, impl, return_entropy=False, **opts)
+    check_near_reference_kl(out.loss, x.grad, truth, eager)
