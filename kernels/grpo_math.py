@@ -3,7 +3,7 @@ analytic gradient d loss / d logp, the sequence-level (GSPO) step, and the metri
 
 The backends do the O(B*T*V) part (log-sum-exp, gather, dlogits = g * (onehot - softmax) / tau)
 and call into this for everything that only needs per-token scalars. The Triton token-level kernel
-repeats ``token_terms`` inside the kernel; tests hold the two to the reference in reference.py.
+repeats ``token_terms`` inside the kernel (triton_token.py); tests hold the two to the reference in reference.py.
 
 Gradient of the surrogate (torch's min/max/clamp conventions are reproduced, ties included, so
 the analytic gradient equals autograd's at r == 1, the on-policy point)::

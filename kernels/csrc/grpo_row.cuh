@@ -369,7 +369,7 @@ struct K3 {
   float em1;  // expm1(d) = -(d kl / d logp)
 };
 
-// The k3 KL at d = ref - logp without cancellation (grpo_math.k3_terms, triton_grpo._k3): below |d| = 0.5
+// The k3 KL at d = ref - logp without cancellation (grpo_math.k3_terms, triton_token._k3): below |d| = 0.5
 // from the series of exp(d) - 1 - d (1/k!, k = 2..10), where exp(d) - d - 1 and 1 - exp(d) would lose
 // their digits to the rounding of exp(d); else from exp(d) - 1.
 RER_HD K3 k3_terms(float d) {
@@ -389,7 +389,7 @@ RER_HD K3 k3_terms(float d) {
   return K3{small ? kl_small : em1 - d, em1};
 }
 
-// The per-token GRPO terms, line for line the FUSED_LOSS block of triton_grpo._grpo_fwd_kernel
+// The per-token GRPO terms, line for line triton_token._token_terms
 // (torch's min / max / clamp tie conventions; see kernels/grpo_math.py for the derivation), from the
 // log differences d_old = logp - old, d_beh = old - behavior and d_ref = ref - logp, each taken with
 // the pair logp + logp_lo (grpo_math._log_diffs).
